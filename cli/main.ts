@@ -43,8 +43,7 @@ async function main(argv: string[]): Promise<number> {
         const config = loadProxyConfig(process.env);
         const proxy = new ProxyServer({ config, log: createLogger({ role: 'proxy' }) });
         await proxy.start();
-        const drainMs = Number(process.env.DRAIN_TIMEOUT ?? '30') * 1000;
-        return () => proxy.stop(drainMs);
+        return () => proxy.stop(config.drainTimeoutMs);
       });
     case 'control-plane':
       return runUntilSignal(async () => {

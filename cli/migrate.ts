@@ -35,11 +35,7 @@ export async function runMigrate(args: string[], env: Env): Promise<number> {
   try {
     for (const row of (await store.list()).filter((o) => o.status === 'active' && o.upstream_host && o.upstream_database)) {
       try {
-        const applied = await applyMigrations(
-          urlOf({ host: row.upstream_host!, port: row.upstream_port ?? 5432, database: row.upstream_database!, user: row.upstream_user ?? '', password: store.openPassword(row), sslmode: row.upstream_sslmode as 'prefer' }),
-          orchestraSet,
-          log,
-        );
+        const applied = await applyMigrations(urlOf(store.upstreamOf(row)!), orchestraSet, log);
         results.push({ subdomain: row.subdomain, ok: true, applied });
       } catch (e) {
         results.push({ subdomain: row.subdomain, ok: false, applied: [], error: (e as Error).message });

@@ -34,6 +34,9 @@ export const VARIABLES: readonly VariableDoc[] = [
   { name: 'ROUTE_CACHE_TTL', meaning: 'seconds a route from the control plane is used without asking again', default: '5', roles: ['proxy', 'dev'] },
   { name: 'ROUTE_MAX_STALE', meaning: 'seconds a cached route may still be used while the control plane is unreachable; beyond it the proxy refuses with 57P03', default: '30', roles: ['proxy', 'dev'] },
   { name: 'ORCHESTRA_SCHEMA_DIR', meaning: 'directory of the orchestra migration set applied to new orchestra databases', default: '`schemas/orchestra`', roles: ['control-plane', 'dev'] },
+  { name: 'AUDIT_INTERVAL', meaning: 'seconds between two runs of the isolation monitor', default: '600', roles: ['control-plane', 'dev'] },
+  { name: 'ALERT_WEBHOOK_URL', meaning: 'where the monitor POSTs each new isolation violation (JSON)', default: 'none', roles: ['control-plane', 'dev'] },
+  { name: 'DRAIN_TIMEOUT', meaning: 'seconds a stopping proxy lets sessions finish before ending them with 57P01', default: '30', roles: ['proxy', 'dev'] },
   { name: 'LOG_LEVEL', meaning: 'debug, info, warn or error', default: 'info', roles: ['proxy', 'control-plane', 'dev'] },
 ];
 
@@ -105,6 +108,7 @@ export interface ProxyConfig {
   authTimeoutMs: number;
   routeCacheTtlMs: number;
   routeMaxStaleMs: number;
+  drainTimeoutMs: number;
   redisUrl: string | undefined;
 }
 
@@ -126,6 +130,7 @@ export function loadProxyConfig(env: Env): ProxyConfig {
     authTimeoutMs: seconds(env, 'AUTH_TIMEOUT', 10) * 1000,
     routeCacheTtlMs: seconds(env, 'ROUTE_CACHE_TTL', 5) * 1000,
     routeMaxStaleMs: seconds(env, 'ROUTE_MAX_STALE', 30) * 1000,
+    drainTimeoutMs: seconds(env, 'DRAIN_TIMEOUT', 30) * 1000,
     redisUrl: url(env, 'REDIS_URL'),
   };
 }
@@ -142,6 +147,8 @@ export interface ControlPlaneConfig {
   publicProxyAddress: string;
   orchestraSchemaDir: string | undefined;
   redisUrl: string | undefined;
+  auditIntervalMs: number;
+  alertWebhookUrl: string | undefined;
   /** dev: stagedoor created the tenant server, so it may lock down its other databases too */
   managesTenantServer: boolean;
 }
@@ -167,6 +174,8 @@ export function loadControlPlaneConfig(env: Env): ControlPlaneConfig {
     publicProxyAddress: read(env, 'PUBLIC_PROXY_ADDRESS') ?? read(env, 'PROXY_LISTEN') ?? '127.0.0.1:6432',
     orchestraSchemaDir: read(env, 'ORCHESTRA_SCHEMA_DIR'),
     redisUrl: url(env, 'REDIS_URL'),
+    auditIntervalMs: seconds(env, 'AUDIT_INTERVAL', 600) * 1000,
+    alertWebhookUrl: url(env, 'ALERT_WEBHOOK_URL'),
     managesTenantServer: bool(env, 'STAGEDOOR_MANAGES_TENANT_SERVER', false),
   };
 }

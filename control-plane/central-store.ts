@@ -25,6 +25,7 @@ export interface OrchestraRow {
   owns_database: boolean;
   max_connections: number | null;
   legacy_id: string | null;
+  isolation_problem: string | null;
   created_at: Date;
   updated_at: Date;
 }
@@ -83,6 +84,19 @@ export class CentralStore {
     return row.upstream_password_enc ? this.box.open(row.upstream_password_enc, `upstream:${row.id}`) : '';
   }
 
+  /** The upstream of a row with its password opened, or null when it has none. */
+  upstreamOf(row: OrchestraRow): ParsedDatabaseUrl | null {
+    if (row.upstream_host === null || row.upstream_database === null) return null;
+    return {
+      host: row.upstream_host,
+      port: row.upstream_port ?? 5432,
+      database: row.upstream_database,
+      user: row.upstream_user ?? '',
+      password: this.openPassword(row),
+      sslmode: row.upstream_sslmode as ParsedDatabaseUrl['sslmode'],
+    };
+  }
+
   /** By id or subdomain; a live orchestra wins over deleted ones of the same subdomain. */
   async find(idOrSubdomain: string, opts: { includeDeleted?: boolean } = {}): Promise<OrchestraRow | null> {
     const byId = UUID_PATTERN.test(idOrSubdomain);
@@ -137,7 +151,10 @@ export class CentralStore {
     return res.rows[0];
   }
 
-  async update(id: string, fields: { status?: OrchestraStatus; maxConnections?: number | null; name?: string; fingerprint?: string | null }): Promise<OrchestraRow> {
+  async update(
+    id: string,
+    fields: { status?: OrchestraStatus; maxConnections?: number | null; name?: string; fingerprint?: string | null; isolationProblem?: string | null },
+  ): Promise<OrchestraRow> {
     const sets: string[] = [];
     const values: unknown[] = [id];
     const add = (col: string, v: unknown): void => {
@@ -148,6 +165,7 @@ export class CentralStore {
     if (fields.maxConnections !== undefined) add('max_connections', fields.maxConnections);
     if (fields.name !== undefined) add('name', fields.name);
     if (fields.fingerprint !== undefined) add('fingerprint', fields.fingerprint);
+    if (fields.isolationProblem !== undefined) add('isolation_problem', fields.isolationProblem);
     if (fields.status === 'deleted') sets.push('deleted_at = now()');
     sets.push('updated_at = now()');
     const res = await this.pool.query<OrchestraRow>(`UPDATE orchestras SET ${sets.join(', ')} WHERE id = $1 RETURNING *`, values);
@@ -203,8 +221,10 @@ export class CentralStore {
           }
         : null,
       upstreamAddress: row.canonical_address,
-      isolationOk: conflicts.length === 0,
-      isolationDetail: conflicts.length ? `shares its database (${conflicts.map((c) => c.by).join(', ')}) with ${conflicts.length} other orchestra(s)` : null,
+      isolationOk: conflicts.length === 0 && row.isolation_problem === null,
+      isolationDetail: conflicts.length
+        ? `shares its database (${[...new Set(conflicts.map((c) => c.by))].join(', ')}) with ${conflicts.length} other orchestra(s)`
+        : row.isolation_problem,
       revokedJtis: revoked.rows.map((r) => r.jti),
     };
   }

@@ -12,6 +12,7 @@ import { AuditLog } from './audit-log.js';
 import { CentralStore } from './central-store.js';
 import { EventBus } from './event-bus.js';
 import { buildApi } from './http/app.js';
+import { IsolationMonitor } from './isolation-monitor.js';
 import { Lifecycle } from './lifecycle.js';
 import { applyMigrations, existingTables, migrationSet } from './migrations.js';
 import { Provisioner } from './provisioning.js';
@@ -28,6 +29,7 @@ export class ControlPlane {
     readonly audit: AuditLog,
     readonly events: EventBus,
     readonly provisioner: Provisioner,
+    readonly monitor: IsolationMonitor,
     private readonly pool: pg.Pool,
     private readonly log: Logger,
   ) {}
@@ -55,6 +57,7 @@ export class ControlPlane {
       const cleaned = await provisioner.cleanUpInterrupted();
       if (cleaned) log.warn('removed orchestras left half-provisioned by an earlier crash', { count: cleaned });
       const lifecycle = new Lifecycle(store, audit, events, tenant, orchestra);
+      const monitor = new IsolationMonitor({ store, centralSet: central, orchestraSet: orchestra }, audit, log, registry, config.alertWebhookUrl);
 
       const app = await buildApi({
         store,
@@ -63,6 +66,7 @@ export class ControlPlane {
         events,
         provisioner,
         lifecycle,
+        monitor,
         signer,
         publicProxyAddress: config.publicProxyAddress,
         jwks: () => signer.jwks(),
@@ -80,7 +84,8 @@ export class ControlPlane {
         log,
       });
       await app.listen({ host: config.listen.host, port: config.listen.port });
-      const cp = new ControlPlane(app, store, audit, events, provisioner, pool, log);
+      monitor.start(config.auditIntervalMs);
+      const cp = new ControlPlane(app, store, audit, events, provisioner, monitor, pool, log);
       log.info('control plane listening', { address: cp.url, tenantServer: tenant ? `${tenant.admin.host}:${tenant.admin.port}` : null });
       return cp;
     } catch (e) {
@@ -96,6 +101,7 @@ export class ControlPlane {
   }
 
   async stop(): Promise<void> {
+    this.monitor.stop();
     // Close open event streams first, or close() waits for them forever.
     this.app.server.closeAllConnections?.();
     await this.app.close();

@@ -11,8 +11,9 @@ import { registerOrchestraRoutes, type OrchestraRouteDeps } from './orchestras.j
 import { registerInternalRoutes, type InternalRouteDeps } from './internal.js';
 import { registerOpsRoutes, type OpsRouteDeps } from './ops.js';
 import { registerAuditRoutes, type AuditRouteDeps } from './audit.js';
+import { registerAuditsRoutes, type AuditsRouteDeps } from './audits.js';
 
-export type ApiDeps = OrchestraRouteDeps & InternalRouteDeps & OpsRouteDeps & AuditRouteDeps & {
+export type ApiDeps = OrchestraRouteDeps & InternalRouteDeps & OpsRouteDeps & AuditRouteDeps & AuditsRouteDeps & {
   adminToken: string;
   proxyToken: string;
   log: Logger;
@@ -65,6 +66,7 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
   registerOrchestraRoutes(app, deps);
   registerInternalRoutes(app, deps);
   registerAuditRoutes(app, deps);
+  registerAuditsRoutes(app, deps);
   app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
   await app.ready();
   return app;
