@@ -28,7 +28,7 @@ export interface RouteCacheOptions {
 
 export class RouteCache {
   private readonly entries: LRUCache<string, Entry>;
-  private readonly inflight = new Map<string, Promise<Entry>>();
+  private readonly inflight = new Map<string, { generation: number; promise: Promise<Entry> }>();
   private readonly now: () => number;
   private generation = 0;
 
@@ -83,8 +83,10 @@ export class RouteCache {
   }
 
   private load(subdomain: string): Promise<Entry> {
+    // Join a request in flight only if no invalidation happened since it started:
+    // a connect that begins after a revocation must see the revocation.
     const running = this.inflight.get(subdomain);
-    if (running) return running;
+    if (running && running.generation === this.generation) return running.promise;
     const generation = this.generation;
     const p = this.fetchRoute(subdomain)
       .then((lookup) => {
@@ -94,8 +96,10 @@ export class RouteCache {
         if (generation === this.generation) this.entries.set(subdomain, entry);
         return entry;
       })
-      .finally(() => this.inflight.delete(subdomain));
-    this.inflight.set(subdomain, p);
+      .finally(() => {
+        if (this.inflight.get(subdomain)?.promise === p) this.inflight.delete(subdomain);
+      });
+    this.inflight.set(subdomain, { generation, promise: p });
     return p;
   }
 }

@@ -32,11 +32,11 @@ export async function readStartup(reader: ClientReader, opts: StartupOptions): P
   let tls = false;
   let gssDeclined = false;
   for (;;) {
-    const header = await reader.read(8);
-    const length = header.readInt32BE(0);
-    const code = header.readInt32BE(4);
-    // A negative or tiny length is malformed; a huge one must not make us wait for gigabytes.
+    // The length alone decides: a negative or tiny one is malformed at once, and
+    // a huge one must not make us wait for gigabytes.
+    const length = (await reader.read(4)).readInt32BE(0);
     if (length < 8 || length > MAX_STARTUP_PACKET) throw new Refusal('malformed_packet', `length ${length}`);
+    const code = (await reader.read(4)).readInt32BE(0);
 
     if (code === SSL_REQUEST_CODE) {
       if (length !== 8 || tls) throw new Refusal('malformed_packet', tls ? 'SSLRequest inside TLS' : 'SSLRequest length');

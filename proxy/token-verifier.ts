@@ -36,10 +36,11 @@ export class TokenVerifier {
   /** Fetches the control plane's keys; safe to call repeatedly (calls coalesce). */
   refreshKeys(): Promise<void> {
     if (!this.fetching) {
+      // A failed attempt counts too: unknown kids must not hammer an unreachable control plane.
+      this.lastFetch = this.now();
       this.fetching = this.fetchJwks()
         .then((set) => {
           this.keys = createLocalJWKSet(set);
-          this.lastFetch = this.now();
         })
         .finally(() => {
           this.fetching = null;
