@@ -37,6 +37,7 @@ export const VARIABLES: readonly VariableDoc[] = [
   { name: 'AUDIT_INTERVAL', meaning: 'seconds between two runs of the isolation monitor', default: '600', roles: ['control-plane', 'dev'] },
   { name: 'ALERT_WEBHOOK_URL', meaning: 'where the monitor POSTs each new isolation violation (JSON)', default: 'none', roles: ['control-plane', 'dev'] },
   { name: 'DRAIN_TIMEOUT', meaning: 'seconds a stopping proxy lets sessions finish before ending them with 57P01', default: '30', roles: ['proxy', 'dev'] },
+  { name: 'STAGEDOOR_MANAGES_TENANT_SERVER', meaning: 'the tenant server is dedicated to stagedoor: provisioning also revokes PUBLIC CONNECT on its other non-template databases', default: 'false (dev: true)', roles: ['control-plane', 'dev'] },
   { name: 'LOG_LEVEL', meaning: 'debug, info, warn or error', default: 'info', roles: ['proxy', 'control-plane', 'dev'] },
 ];
 
