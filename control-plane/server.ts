@@ -4,6 +4,7 @@
 
 import type { AddressInfo } from 'node:net';
 import pg from 'pg';
+import type { Redis } from 'ioredis';
 import { Counter, Registry, collectDefaultMetrics } from 'prom-client';
 import type { FastifyInstance } from 'fastify';
 import type { ControlPlaneConfig } from '../common/config.js';
@@ -19,6 +20,8 @@ import { Provisioner } from './provisioning.js';
 import { SecretBox } from './secrets.js';
 import { TokenSigner } from './signing-keys.js';
 import { TenantServer } from './tenant-server.js';
+import { RedisPublisher } from './redis-publisher.js';
+import { connectRedis } from '../common/redis-bus.js';
 
 export class CentralSchemaLeak extends Error {}
 
@@ -32,6 +35,7 @@ export class ControlPlane {
     readonly monitor: IsolationMonitor,
     private readonly pool: pg.Pool,
     private readonly log: Logger,
+    private readonly redis: Redis | null,
   ) {}
 
   static async start(config: ControlPlaneConfig, log: Logger): Promise<ControlPlane> {
@@ -51,6 +55,9 @@ export class ControlPlane {
       const store = new CentralStore(pool, box);
       const audit = new AuditLog(pool, log, 100_000, 250, (n) => dropped.inc(n));
       const events = new EventBus();
+      const redis = config.redisUrl ? connectRedis(config.redisUrl) : null;
+      redis?.on('error', () => {});
+      if (redis) events.addSink(new RedisPublisher(redis, log));
       const signer = await TokenSigner.load(pool, box, config.tokenSigningKey);
       const tenant = config.tenantServerUrl ? new TenantServer(config.tenantServerUrl) : null;
       const provisioner = new Provisioner({ store, audit, bus: events, log, tenant, managesTenantServer: config.managesTenantServer, orchestraSet: orchestra, centralSet: central });
@@ -85,7 +92,7 @@ export class ControlPlane {
       });
       await app.listen({ host: config.listen.host, port: config.listen.port });
       monitor.start(config.auditIntervalMs);
-      const cp = new ControlPlane(app, store, audit, events, provisioner, monitor, pool, log);
+      const cp = new ControlPlane(app, store, audit, events, provisioner, monitor, pool, log, redis);
       log.info('control plane listening', { address: cp.url, tenantServer: tenant ? `${tenant.admin.host}:${tenant.admin.port}` : null });
       return cp;
     } catch (e) {
@@ -107,6 +114,7 @@ export class ControlPlane {
     await this.app.close();
     await this.audit.close();
     await this.pool.end();
+    this.redis?.disconnect();
     this.log.info('control plane stopped');
   }
 }

@@ -17,6 +17,7 @@ import { LocalConnectionLimiter, type ConnectionLimiter } from './connection-lim
 import { ControlPlaneClient } from './control-plane-client.js';
 import { LiveSessions } from './live-sessions.js';
 import { ProxyMetrics } from './metrics.js';
+import { RedisBus } from './redis-bus.js';
 import { startMetricsServer } from './metrics-server.js';
 import { RouteCache } from './route-cache.js';
 import { runSession, type ProxyContext } from './session.js';
@@ -43,6 +44,8 @@ export class ProxyServer {
   private readonly sockets = new Set<Socket>();
   private metricsServer: HttpServer | null = null;
   private readonly eventsAbort = new AbortController();
+  /** the shared Redis bus, with REDIS_URL */
+  readonly bus: RedisBus | null;
   private draining = false;
   private eventsConnected = false;
 
@@ -56,15 +59,30 @@ export class ProxyServer {
       onDropped: (n) => this.metrics.auditDropped.inc(n),
       log,
     });
+    const cancelKeys = new CancelKeys();
+    this.bus = config.redisUrl
+      ? new RedisBus(config.redisUrl, log, {
+          onEvent: (e) => this.onEvent(e),
+          onReset: (connected) => {
+            this.metrics.busConnected.set({ bus: 'redis' }, connected ? 1 : 0);
+            if (connected) this.onEvent({ type: 'all-changed' });
+          },
+          onRemoteCancel: (processId, secretKey) => {
+            const target = cancelKeys.lookup(processId, secretKey);
+            if (target) void target.cancel().then((ok) => this.metrics.cancels.inc({ result: ok ? 'forwarded_for_peer' : 'failed' }));
+          },
+        })
+      : null;
     this.ctx = {
       secureContext: loadTls(config),
       requireTls: config.requireTls,
       authTimeoutMs: config.authTimeoutMs,
       verifier: this.verifier,
       routes: this.routes,
-      cancelKeys: new CancelKeys(),
+      cancelKeys,
       cancelLimiter: new CancelRateLimiter(),
-      limiter: opts.limiter ?? new LocalConnectionLimiter(),
+      remoteCancel: this.bus ? (p, k) => this.bus!.forwardCancel(p, k) : undefined,
+      limiter: opts.limiter ?? this.bus?.limiter ?? new LocalConnectionLimiter(),
       live: this.live,
       metrics: this.metrics,
       audit: this.audit,
@@ -107,6 +125,7 @@ export class ProxyServer {
     await Promise.race([this.live.whenEmpty(), new Promise((r) => setTimeout(r, 2_000))]);
     for (const s of this.sockets) s.destroy();
     this.eventsAbort.abort();
+    await this.bus?.close();
     await this.audit.close();
     await new Promise<void>((r) => (this.metricsServer ? this.metricsServer.close(() => r()) : r()));
   }

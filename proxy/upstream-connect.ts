@@ -592,6 +592,9 @@ function cstrings(buf: Buffer, start: number, end: number): string[] | null {
 // costs far more than the handshake's own CPU; contexts are immutable and
 // shareable, so one per distinct CA text. Keyed by the PEM itself, bounded.
 const secureContexts = new Map<string, SecureContext>();
+// 'postgresql' in ALPN wire format (length-prefixed), built once instead of per handshake.
+// Sent as libpq 17 does; older servers ignore it, 17+ require it for direct TLS.
+const ALPN_POSTGRESQL = Buffer.from('\x0apostgresql', 'latin1');
 const SECURE_CONTEXT_LIMIT = 64;
 
 function secureContextFor(ca: string | undefined): SecureContext {
@@ -616,8 +619,7 @@ function tlsOptions(target: Pick<UpstreamTarget, 'host' | 'sslmode' | 'sslrootce
     host: target.host,
     secureContext: secureContextFor(verify ? target.sslrootcert : undefined),
     rejectUnauthorized: verify,
-    // As libpq 17 does; older servers ignore it, and 17+ would require it for direct TLS.
-    ALPNProtocols: ['postgresql'],
+    ALPNProtocols: ALPN_POSTGRESQL,
   };
   // RFC 6066 forbids IP literals in SNI (Node warns); verification still uses `host`.
   if (isIP(target.host) === 0) options.servername = target.host;

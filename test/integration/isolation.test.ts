@@ -33,6 +33,8 @@ before(async () => {
   await adminQuery(t.url('shared_db'), "CREATE TABLE musicians (name text); INSERT INTO musicians VALUES ('sco cellist'); ALTER TABLE musicians OWNER TO legacy");
   await adminQuery(t.url('postgres'), "CREATE ROLE solo LOGIN PASSWORD 'solo-pw'");
   await adminQuery(t.url('postgres'), 'CREATE DATABASE solo_db OWNER solo');
+  // Without this each legacy role could connect to the other's database (cross_access).
+  await adminQuery(t.url('postgres'), 'REVOKE CONNECT ON DATABASE shared_db FROM PUBLIC; REVOKE CONNECT ON DATABASE solo_db FROM PUBLIC');
   // The Prisma-era central database, on the central server.
   await adminQuery(stack.central.url('postgres'), 'CREATE DATABASE legacy_central');
   const shared = `postgres://legacy:legacy-pw@127.0.0.1:${t.port}/shared_db`;

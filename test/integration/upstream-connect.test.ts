@@ -10,6 +10,7 @@ import pg from 'pg';
 import { serialize } from 'pg-protocol';
 import type { BackendMessage, DataRowMessage, DatabaseError, ParameterStatusMessage } from 'pg-protocol/dist/messages.js';
 import { Parser } from 'pg-protocol/dist/parser.js';
+import { startTestPostgres, type TestPostgres } from '../fixtures/postgres.js';
 import { clearScramKeyCache, scramKeyCacheStats } from '../../proxy/scram.js';
 import {
   UpstreamError,
@@ -19,19 +20,6 @@ import {
   type UpstreamSession,
   type UpstreamTarget,
 } from '../../proxy/upstream-connect.js';
-
-interface TestPostgres {
-  host: string;
-  port: number;
-  adminUser: string;
-  adminPassword: string;
-  url(database?: string): string;
-  stop(): Promise<void>;
-}
-type StartTestPostgres = (opts?: { authMethod?: 'scram-sha-256' | 'md5' | 'password'; extraHba?: string[]; settings?: Record<string, string> }) => Promise<TestPostgres>;
-
-// Loaded at run time so this file builds before the shared fixture lands.
-const FIXTURE = '../fixtures/postgres.js';
 
 let server: TestPostgres;
 
@@ -43,7 +31,6 @@ const ROLES = {
 };
 
 before(async () => {
-  const { startTestPostgres } = (await import(FIXTURE)) as { startTestPostgres: StartTestPostgres };
   const hba = (user: string, method: string): string[] => [`host all ${user} 127.0.0.1/32 ${method}`, `host all ${user} ::1/128 ${method}`];
   server = await startTestPostgres({
     authMethod: 'scram-sha-256',
@@ -153,6 +140,8 @@ async function fakeUpstream(onConnection: (sock: Socket) => void): Promise<FakeU
       sawClose();
     });
     onConnection(sock);
+    // Keep reading even when the handler does not, or the peer's FIN is never seen.
+    sock.resume();
   });
   await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
   return { port: (srv.address() as { port: number }).port, closed, server: srv, sockets };
@@ -469,11 +458,11 @@ test('messages split across many TCP reads and bytes after ReadyForQuery are han
 
 // ---- TLS, through a TLS-terminating relay in front of the real server ----
 
-let tlsMaterial: { dir: string; cert: string; context: SecureContext } | null = null;
+let tlsMaterial: { cert: string; context: SecureContext } | null = null;
 function tlsAvailable(): boolean {
   if (tlsMaterial !== null) return true;
+  const dir = mkdtempSync(join(tmpdir(), 'stagedoor-tls-'));
   try {
-    const dir = mkdtempSync(join(tmpdir(), 'stagedoor-tls-'));
     execFileSync(
       'openssl',
       ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1', '-subj', '/CN=localhost',
@@ -481,15 +470,15 @@ function tlsAvailable(): boolean {
       { stdio: 'ignore' },
     );
     const cert = readFileSync(join(dir, 'cert.pem'), 'utf8');
-    tlsMaterial = { dir, cert, context: createSecureContext({ cert, key: readFileSync(join(dir, 'key.pem'), 'utf8') }) };
+    tlsMaterial = { cert, context: createSecureContext({ cert, key: readFileSync(join(dir, 'key.pem'), 'utf8') }) };
     return true;
   } catch {
     return false;
+  } finally {
+    // Kept in memory only, so an interrupted run leaves no key on disk.
+    rmSync(dir, { recursive: true, force: true });
   }
 }
-after(() => {
-  if (tlsMaterial) rmSync(tlsMaterial.dir, { recursive: true, force: true });
-});
 
 /** Answers SSLRequest with S, terminates TLS, and relays the plaintext to the real server (cancel requests included). */
 async function tlsRelay(): Promise<FakeUpstream> {

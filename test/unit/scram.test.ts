@@ -102,6 +102,13 @@ test('a full exchange with random nonce and salt passes the server-side verifica
   client.verifyServerFinal(serverFinal);
 });
 
+test('client nonces are distinct across refills of the random pool', () => {
+  const nonces = new Set<string>();
+  for (let i = 0; i < 1000; i++) nonces.add(new ScramClient('x').clientFirstMessage().slice('n,,n=,r='.length));
+  assert.equal(nonces.size, 1000);
+  for (const n of nonces) assert.match(n, /^[A-Za-z0-9+/]{24}$/);
+});
+
 test('a wrong password produces a proof the server rejects', async () => {
   const server = new TestScramServer('right');
   const client = new ScramClient('wrong');
