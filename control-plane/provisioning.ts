@@ -10,6 +10,7 @@ import type { AuditLog } from './audit-log.js';
 import type { CentralStore, OrchestraRow } from './central-store.js';
 import type { EventSink } from './event-bus.js';
 import { applyMigrations, existingTables, type MigrationSet } from './migrations.js';
+import type { DatabasePool } from './database-pool.js';
 import { TenantServer } from './tenant-server.js';
 import { clientConfig, parseDatabaseUrl, readFingerprint, type ParsedDatabaseUrl } from './upstream-identity.js';
 
@@ -47,6 +48,8 @@ export interface ProvisioningDeps {
   bus: EventSink;
   log: Logger;
   tenant: TenantServer | null;
+  /** DATABASE_URL_POOL_n entries, used before the tenant server when configured */
+  databasePool: DatabasePool | null;
   /** stagedoor created the tenant server (dev): lock down its other databases too */
   managesTenantServer: boolean;
   orchestraSet: MigrationSet;
@@ -91,12 +94,13 @@ export class Provisioner {
         await this.d.store.insert({ id, subdomain: req.subdomain, name: req.name, status: 'provisioning', source: req.databaseUrl ? 'attached' : 'provisioned' });
         undo.push({ label: 'record', run: () => this.d.store.remove(id) });
       });
-      const upstream = await run('database', () => this.obtainDatabase(req, undo));
+      const { upstream, source } = await run('database', () => this.obtainDatabase(id, req, undo));
+      if (source === 'pool') await this.d.store.pool.query("UPDATE orchestras SET source = 'pool' WHERE id = $1", [id]);
       await run('lockdown', async () => {
-        if (this.d.managesTenantServer && this.d.tenant && !req.databaseUrl) await this.d.tenant.revokePublicConnectEverywhere();
+        if (this.d.managesTenantServer && this.d.tenant && source === 'provisioned') await this.d.tenant.revokePublicConnectEverywhere();
       });
       const fingerprint = await run('identity', () => this.checkIdentity(id, upstream));
-      await this.d.store.setUpstream(id, upstream, { fingerprint, ownsDatabase: !req.databaseUrl });
+      await this.d.store.setUpstream(id, upstream, { fingerprint, ownsDatabase: source === 'provisioned' });
       await run('schema', () => applyMigrations(urlOf(upstream), this.d.orchestraSet, this.d.log));
       await run('marker', () => writeMarker(upstream, id, req.subdomain));
       await run('health', () => this.healthCheck(id, upstream, fingerprint));
@@ -138,6 +142,10 @@ export class Provisioner {
     } else {
       checks.push({ name: 'tenant_server_reachable', ok: false, detail: 'no TENANT_SERVER_URL configured: only databaseUrl attachments are possible' });
     }
+    if (this.d.databasePool) {
+      const { total, free } = await this.d.databasePool.available();
+      checks.push({ name: 'pool_databases_left', ok: free > 0 || this.d.tenant !== null, detail: `${free} of ${total} pool databases unassigned` });
+    }
     const sharing = await this.existingSharing();
     checks.push({ name: 'no_existing_sharing', ok: sharing === 0, detail: sharing === 0 ? 'no orchestras share a database' : `${sharing} orchestra(s) share a database with another (see GET /v1/audits/isolation)` });
     return { ok: checks.every((c) => c.ok), checks };
@@ -158,26 +166,41 @@ export class Provisioner {
     if (!SUBDOMAIN_PATTERN.test(req.subdomain)) throw new ProvisioningError('validate', 400, 'subdomain must match ^[a-z][a-z0-9-]{1,62}$');
     if (RESERVED_SUBDOMAINS.has(req.subdomain)) throw new ProvisioningError('validate', 400, `"${req.subdomain}" is a reserved word`);
     if (await this.d.store.find(req.subdomain)) throw new ProvisioningError('validate', 409, `subdomain "${req.subdomain}" is already taken`);
-    if (!req.databaseUrl && !this.d.tenant) throw new ProvisioningError('validate', 422, 'no tenant server configured (TENANT_SERVER_URL): give a databaseUrl');
+    if (!req.databaseUrl && !this.d.tenant && !this.d.databasePool) {
+      throw new ProvisioningError('validate', 422, 'no tenant server (TENANT_SERVER_URL) or pool (DATABASE_URL_POOL_n) configured: give a databaseUrl');
+    }
   }
 
-  private async obtainDatabase(req: ProvisionRequest, undo: Undo[]): Promise<ParsedDatabaseUrl> {
+  private async obtainDatabase(id: string, req: ProvisionRequest, undo: Undo[]): Promise<{ upstream: ParsedDatabaseUrl; source: 'attached' | 'pool' | 'provisioned' }> {
     if (req.databaseUrl) {
       try {
-        return parseDatabaseUrl(req.databaseUrl);
+        return { upstream: parseDatabaseUrl(req.databaseUrl), source: 'attached' };
       } catch (e) {
         throw new ProvisioningError('database', 400, `databaseUrl: ${(e as Error).message}`);
       }
+    }
+    const pool = this.d.databasePool;
+    if (pool) {
+      const taken = await pool.take(id);
+      if (taken) {
+        undo.push({ label: 'pool assignment', run: () => pool.giveBack(taken.key, id) });
+        return { upstream: taken.upstream, source: 'pool' };
+      }
+      if (!this.d.tenant) throw new ProvisioningError('database', 422, 'no pool databases left (DATABASE_URL_POOL_n) and no tenant server configured');
     }
     const tenant = this.d.tenant!;
     const { role, database } = TenantServer.namesFor(req.subdomain);
     if (await tenant.roleExists(role)) throw new ProvisioningError('database', 409, `role ${role} already exists on the tenant server`);
     if (await tenant.databaseExists(database)) throw new ProvisioningError('database', 409, `database ${database} already exists on the tenant server`);
+    // Each object is recorded as ours the moment it exists, so a crash between
+    // two steps is cleaned up at the next start without guessing by name.
     const password = await tenant.createRole(role);
     undo.push({ label: 'role', run: () => tenant.dropRole(role) });
+    await this.d.store.pool.query('UPDATE orchestras SET upstream_user = $2, owns_database = true WHERE id = $1', [id, role]);
     await tenant.createDatabase(database, role);
     undo.push({ label: 'database', run: () => tenant.dropDatabase(database) });
-    return { host: tenant.admin.host, port: tenant.admin.port, database, user: role, password, sslmode: tenant.admin.sslmode };
+    await this.d.store.pool.query('UPDATE orchestras SET upstream_database = $2 WHERE id = $1', [id, database]);
+    return { upstream: { host: tenant.admin.host, port: tenant.admin.port, database, user: role, password, sslmode: tenant.admin.sslmode }, source: 'provisioned' };
   }
 
   private async checkIdentity(id: string, upstream: ParsedDatabaseUrl): Promise<string> {
@@ -229,16 +252,23 @@ export class Provisioner {
   /** Orchestras left in `provisioning` by a crash: undo what we can and remove the record. */
   async cleanUpInterrupted(): Promise<number> {
     const res = await this.d.store.pool.query<OrchestraRow>("SELECT * FROM orchestras WHERE status = 'provisioning'");
+    let cleaned = 0;
     for (const row of res.rows) {
-      if (this.d.tenant && row.source === 'provisioned') {
-        const { role, database } = TenantServer.namesFor(row.subdomain);
-        await this.d.tenant.dropDatabase(database).catch(() => {});
-        await this.d.tenant.dropRole(role).catch(() => {});
+      try {
+        if (this.d.tenant && row.owns_database) {
+          if (row.upstream_database) await this.d.tenant.dropDatabase(row.upstream_database);
+          if (row.upstream_user) await this.d.tenant.dropRole(row.upstream_user);
+        }
+      } catch (e) {
+        // Keep the record: it is the only note of what to drop, so the next start retries.
+        this.d.log.error('could not clean up an interrupted provisioning; will retry at next start', { subdomain: row.subdomain, error: e });
+        continue;
       }
       await this.d.store.remove(row.id);
+      cleaned++;
       this.d.audit.record({ kind: 'provisioning.cleaned_up', orchestraId: row.id, subdomain: row.subdomain, reason: 'interrupted provisioning removed at start' });
     }
-    return res.rowCount ?? 0;
+    return cleaned;
   }
 }
 

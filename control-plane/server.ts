@@ -15,6 +15,7 @@ import { EventBus } from './event-bus.js';
 import { buildApi } from './http/app.js';
 import { IsolationMonitor } from './isolation-monitor.js';
 import { Lifecycle } from './lifecycle.js';
+import { DatabasePool } from './database-pool.js';
 import { applyMigrations, existingTables, migrationSet } from './migrations.js';
 import { Provisioner } from './provisioning.js';
 import { SecretBox } from './secrets.js';
@@ -60,7 +61,9 @@ export class ControlPlane {
       if (redis) events.addSink(new RedisPublisher(redis, log));
       const signer = await TokenSigner.load(pool, box, config.tokenSigningKey);
       const tenant = config.tenantServerUrl ? new TenantServer(config.tenantServerUrl) : null;
-      const provisioner = new Provisioner({ store, audit, bus: events, log, tenant, managesTenantServer: config.managesTenantServer, orchestraSet: orchestra, centralSet: central });
+      const databasePool = config.poolUrls.length ? new DatabasePool(pool, box) : null;
+      if (databasePool) log.info('pool databases registered', { added: await databasePool.register(config.poolUrls), configured: config.poolUrls.length });
+      const provisioner = new Provisioner({ store, audit, bus: events, log, tenant, databasePool, managesTenantServer: config.managesTenantServer, orchestraSet: orchestra, centralSet: central });
       const cleaned = await provisioner.cleanUpInterrupted();
       if (cleaned) log.warn('removed orchestras left half-provisioned by an earlier crash', { count: cleaned });
       const lifecycle = new Lifecycle(store, audit, events, tenant, orchestra);
