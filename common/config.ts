@@ -33,6 +33,8 @@ export const VARIABLES: readonly VariableDoc[] = [
   { name: 'AUTH_TIMEOUT', meaning: 'seconds a client has to finish start-up and authentication', default: '10', roles: ['proxy', 'dev'] },
   { name: 'ROUTE_CACHE_TTL', meaning: 'seconds a route from the control plane is used without asking again', default: '5', roles: ['proxy', 'dev'] },
   { name: 'ROUTE_MAX_STALE', meaning: 'seconds a cached route may still be used while the control plane is unreachable; beyond it the proxy refuses with 57P03', default: '30', roles: ['proxy', 'dev'] },
+  { name: 'UPSTREAM_IDLE_TIMEOUT', meaning: 'seconds a reset upstream connection is kept for the next client of its orchestra', default: '60', roles: ['proxy', 'dev'] },
+  { name: 'UPSTREAM_IDLE_MAX', meaning: 'kept upstream connections per orchestra (0 turns reuse off)', default: '20', roles: ['proxy', 'dev'] },
   { name: 'ORCHESTRA_SCHEMA_DIR', meaning: 'directory of the orchestra migration set applied to new orchestra databases', default: '`schemas/orchestra`', roles: ['control-plane', 'dev'] },
   { name: 'AUDIT_INTERVAL', meaning: 'seconds between two runs of the isolation monitor', default: '600', roles: ['control-plane', 'dev'] },
   { name: 'ALERT_WEBHOOK_URL', meaning: 'where the monitor POSTs each new isolation violation (JSON)', default: 'none', roles: ['control-plane', 'dev'] },
@@ -64,6 +66,14 @@ function seconds(env: Env, name: string, fallback: number): number {
   if (raw === undefined) return fallback;
   const parsed = z.coerce.number().positive().max(86_400).safeParse(raw);
   if (!parsed.success) throw new ConfigError(`${name} must be a number of seconds, got "${raw}"`);
+  return parsed.data;
+}
+
+function count(env: Env, name: string, fallback: number): number {
+  const raw = read(env, name);
+  if (raw === undefined) return fallback;
+  const parsed = z.coerce.number().int().min(0).max(100_000).safeParse(raw);
+  if (!parsed.success) throw new ConfigError(`${name} must be a whole number, got "${raw}"`);
   return parsed.data;
 }
 
@@ -110,6 +120,8 @@ export interface ProxyConfig {
   routeCacheTtlMs: number;
   routeMaxStaleMs: number;
   drainTimeoutMs: number;
+  upstreamIdleTimeoutMs: number;
+  upstreamIdleMax: number;
   redisUrl: string | undefined;
 }
 
@@ -132,6 +144,8 @@ export function loadProxyConfig(env: Env): ProxyConfig {
     routeCacheTtlMs: seconds(env, 'ROUTE_CACHE_TTL', 5) * 1000,
     routeMaxStaleMs: seconds(env, 'ROUTE_MAX_STALE', 30) * 1000,
     drainTimeoutMs: seconds(env, 'DRAIN_TIMEOUT', 30) * 1000,
+    upstreamIdleTimeoutMs: seconds(env, 'UPSTREAM_IDLE_TIMEOUT', 60) * 1000,
+    upstreamIdleMax: count(env, 'UPSTREAM_IDLE_MAX', 20),
     redisUrl: url(env, 'REDIS_URL'),
   };
 }

@@ -16,6 +16,8 @@ export class ProxyMetrics {
   readonly cancels = new Counter({ name: 'stagedoor_cancel_requests_total', help: 'CancelRequests by outcome', labelNames: ['result'], registers: [this.registry] });
   readonly terminated = new Counter({ name: 'stagedoor_sessions_terminated_total', help: 'Live sessions ended by the gateway', labelNames: ['reason'], registers: [this.registry] });
   readonly busConnected = new Gauge({ name: 'stagedoor_bus_connected', help: '1 while the control-plane event stream (and Redis, when configured) is connected', labelNames: ['bus'], registers: [this.registry] });
+  readonly upstreamReused = new Counter({ name: 'stagedoor_upstream_reused_total', help: 'Sessions served by a reset, kept upstream connection instead of a new one', registers: [this.registry] });
+  readonly upstreamDiscarded = new Counter({ name: 'stagedoor_upstream_discarded_total', help: 'Kept upstream connections closed, by reason', labelNames: ['reason'], registers: [this.registry] });
   readonly auditDropped = new Counter({ name: 'stagedoor_audit_events_dropped_total', help: 'Connection audit events dropped because the buffer was full while the control plane was unreachable', registers: [this.registry] });
 
   constructor() {

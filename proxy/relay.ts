@@ -3,10 +3,16 @@
 // reader whenever the writer's buffer is full, so a slow client slows its
 // upstream instead of filling our memory.
 //
-// One thing it must know about the bytes: where backend messages begin. A
-// session ended by the gateway (token revoked, orchestra suspended, shutdown)
-// gets a FATAL ErrorResponse, and that is only readable by the client if it is
-// written between two messages, never inside a DataRow.
+// It also follows the message framing of both directions, cheaply (one
+// length read per message), for two reasons:
+//  - a session ended by the gateway (token revoked, orchestra suspended,
+//    shutdown) gets a FATAL ErrorResponse, and that is only readable by the
+//    client if it is written between two backend messages, never inside a
+//    DataRow;
+//  - an upstream connection can be kept for the next client of the same
+//    orchestra only if the client left it idle: every Query/Sync/FunctionCall
+//    answered by a ReadyForQuery 'I', nothing half-sent, and the client's
+//    Terminate ('X') not forwarded.
 
 import type { Socket } from 'node:net';
 
@@ -15,85 +21,194 @@ export interface RelayStats {
   bytesToClient: number;
 }
 
+export interface RelayOutcome {
+  /** The upstream socket, paused and listener-free, when it was left idle and may be reset and reused; otherwise null (destroyed). */
+  reusableUpstream: Socket | null;
+}
+
 export interface Relay {
   readonly stats: RelayStats;
-  /** Resolves once both sockets are closed. */
-  readonly closed: Promise<void>;
+  /** Resolves once the client side is closed and the upstream is either destroyed or handed back. */
+  readonly closed: Promise<RelayOutcome>;
   /** Ends the session with `finalMessage` written at the next backend message boundary. */
   terminate(finalMessage: Buffer): void;
+}
+
+export interface RelayOptions {
+  /** Keep the upstream when the client leaves it idle (upstream reuse enabled). */
+  keepIdleUpstream: boolean;
 }
 
 /** Most time we wait for a message boundary before closing without a goodbye. */
 const TERMINATE_GRACE_MS = 1_000;
 
-export function startRelay(client: Socket, upstream: Socket, pendingFromClient: Buffer, pendingFromUpstream: Buffer): Relay {
-  const stats: RelayStats = { bytesFromClient: 0, bytesToClient: 0 };
-  // Backend framing: bytes still to skip in the current message, and the
-  // partial header (type + length) when a chunk ends inside one.
-  let remaining = 0;
-  const header = Buffer.alloc(5);
-  let headerFill = 0;
-  let goodbye: Buffer | null = null;
-  let done = false;
-  let resolveClosed!: () => void;
-  const closed = new Promise<void>((r) => (resolveClosed = r));
-  let openSockets = 2;
-  const onSocketClosed = (): void => {
-    if (--openSockets === 0) resolveClosed();
-  };
+/** Message framing state of one direction. */
+class Framing {
+  /** bytes of the current message body still to come */
+  remaining = 0;
+  /** header bytes (type + length) collected so far when a chunk ended inside one */
+  readonly header = Buffer.alloc(5);
+  headerFill = 0;
 
-  /** Offset of the first message boundary at or after which we may cut, or -1. Advances framing state. */
-  const scan = (chunk: Buffer, stopAtBoundary: boolean): number => {
+  get atBoundary(): boolean {
+    return this.remaining === 0 && this.headerFill === 0;
+  }
+
+  /**
+   * Walks the chunk; calls onMessage(type, headerAt, bodyAt, chunk) for each
+   * message whose header completes here (headerAt -1 when the header began in
+   * the previous chunk; bodyAt -1 when the body starts in a later one). With stopAtBoundary,
+   * returns the first offset at which a message starts (or the chunk end if it
+   * ends on a boundary), else -1.
+   */
+  scan(chunk: Buffer, onMessage: ((type: number, headerAt: number, bodyAt: number, chunk: Buffer) => void) | null, stopAtBoundary: boolean): number {
     let pos = 0;
     const n = chunk.length;
     while (pos < n) {
-      if (remaining > 0) {
-        const step = Math.min(remaining, n - pos);
-        remaining -= step;
+      if (this.remaining > 0) {
+        const step = Math.min(this.remaining, n - pos);
+        this.remaining -= step;
         pos += step;
         continue;
       }
-      if (headerFill === 0 && stopAtBoundary) return pos;
-      if (headerFill === 0 && n - pos >= 5) {
-        remaining = chunk.readInt32BE(pos + 1) - 4;
-        pos += 5;
-        continue;
+      if (this.headerFill === 0) {
+        if (stopAtBoundary) return pos;
+        if (n - pos >= 5) {
+          const type = chunk[pos]!;
+          const headerAt = pos;
+          this.remaining = chunk.readInt32BE(pos + 1) - 4;
+          pos += 5;
+          onMessage?.(type, headerAt, this.remaining > 0 && pos < n ? pos : -1, chunk);
+          continue;
+        }
       }
-      const take = Math.min(5 - headerFill, n - pos);
-      chunk.copy(header, headerFill, pos, pos + take);
-      headerFill += take;
+      const headerAt = this.headerFill === 0 ? pos : -1;
+      const take = Math.min(5 - this.headerFill, n - pos);
+      chunk.copy(this.header, this.headerFill, pos, pos + take);
+      this.headerFill += take;
       pos += take;
-      if (headerFill === 5) {
-        remaining = header.readInt32BE(1) - 4;
-        headerFill = 0;
+      if (this.headerFill === 5) {
+        this.remaining = this.header.readInt32BE(1) - 4;
+        this.headerFill = 0;
+        onMessage?.(this.header[0]!, headerAt, this.remaining > 0 && pos < n ? pos : -1, chunk);
       }
     }
-    return remaining === 0 && headerFill === 0 && stopAtBoundary ? n : -1;
+    return stopAtBoundary && this.atBoundary ? n : -1;
+  }
+}
+
+const QUERY = 0x51; // 'Q'
+const SYNC = 0x53; // 'S'
+const FUNCTION_CALL = 0x46; // 'F'
+const TERMINATE = 0x58; // 'X'
+const READY_FOR_QUERY = 0x5a; // 'Z'
+const IDLE = 0x49; // 'I'
+
+export function startRelay(client: Socket, upstream: Socket, pendingFromClient: Buffer, pendingFromUpstream: Buffer, opts: RelayOptions): Relay {
+  const stats: RelayStats = { bytesFromClient: 0, bytesToClient: 0 };
+  const fromServer = new Framing();
+  const fromClientFraming = new Framing();
+  // Requests that will be answered by a ReadyForQuery, minus those answered.
+  let outstanding = 0;
+  let lastReadyIdle = true;
+  // A ReadyForQuery whose status byte is in the next chunk.
+  let readyStatusPending = false;
+  let clientTerminated = false;
+  let upstreamFailed = false;
+  let goodbye: Buffer | null = null;
+  let done = false;
+  let resolveClosed!: (o: RelayOutcome) => void;
+  const closed = new Promise<RelayOutcome>((r) => (resolveClosed = r));
+
+  const onServerMessage = (type: number, _headerAt: number, bodyAt: number, chunk: Buffer): void => {
+    if (type !== READY_FOR_QUERY) return;
+    if (outstanding > 0) outstanding--;
+    if (bodyAt >= 0) lastReadyIdle = chunk[bodyAt] === IDLE;
+    else readyStatusPending = true;
   };
+
+  // Where the client's Terminate starts in the current chunk (-1: began in an earlier one).
+  let terminateAt = -1;
+  const onClientMessage = (type: number, headerAt: number): void => {
+    if (type === QUERY || type === SYNC || type === FUNCTION_CALL) outstanding++;
+    else if (type === TERMINATE) {
+      clientTerminated = true;
+      terminateAt = headerAt;
+    }
+  };
+
+  const reusable = (): boolean =>
+    opts.keepIdleUpstream && !upstreamFailed && !goodbye && outstanding === 0 && lastReadyIdle && fromServer.atBoundary && fromClientFraming.atBoundary && !upstream.destroyed;
 
   const finish = (): void => {
     if (done) return;
     done = true;
     client.off('data', fromClient);
     upstream.off('data', fromUpstream);
+    client.off('drain', resumeUpstream);
+    upstream.off('drain', resumeClient);
+    let kept: Socket | null = null;
+    if (reusable()) {
+      upstream.off('error', onUpstreamError);
+      upstream.off('close', onUpstreamClosed);
+      upstream.off('end', onUpstreamClosed);
+      upstream.pause();
+      kept = upstream;
+    } else {
+      upstream.destroy();
+    }
     if (goodbye) client.end(goodbye);
     else client.end();
-    upstream.destroy();
     // end() lets queued bytes reach the client; a client that never reads is cut off.
-    setTimeout(() => client.destroy(), TERMINATE_GRACE_MS).unref();
+    const cutoff = setTimeout(() => client.destroy(), TERMINATE_GRACE_MS);
+    cutoff.unref();
+    const settle = (): void => {
+      clearTimeout(cutoff);
+      resolveClosed({ reusableUpstream: kept });
+    };
+    if (client.destroyed) settle();
+    else client.once('close', settle);
+  };
+
+  const resumeClient = (): void => {
+    client.resume();
+  };
+  const resumeUpstream = (): void => {
+    upstream.resume();
   };
 
   const fromClient = (chunk: Buffer): void => {
     stats.bytesFromClient += chunk.length;
+    if (!opts.keepIdleUpstream) {
+      if (!upstream.write(chunk)) {
+        client.pause();
+        upstream.once('drain', resumeClient);
+      }
+      return;
+    }
+    fromClientFraming.scan(chunk, onClientMessage, false);
+    if (clientTerminated) {
+      // The Terminate is the last thing a client sends; everything before it
+      // goes upstream, the Terminate itself does not, so the connection stays open.
+      if (terminateAt > 0) upstream.write(chunk.subarray(0, terminateAt));
+      // A Terminate split across reads already sent part of itself upstream: not reusable.
+      if (terminateAt < 0) upstreamFailed = true;
+      finish();
+      return;
+    }
     if (!upstream.write(chunk)) {
       client.pause();
-      upstream.once('drain', () => client.resume());
+      upstream.once('drain', resumeClient);
     }
   };
 
   const fromUpstream = (chunk: Buffer): void => {
+    if (readyStatusPending) {
+      lastReadyIdle = chunk[0] === IDLE;
+      readyStatusPending = false;
+    }
     if (goodbye) {
-      const cut = scan(chunk, true);
+      const cut = fromServer.scan(chunk, null, true);
       if (cut >= 0) {
         if (cut > 0) {
           stats.bytesToClient += cut;
@@ -103,29 +218,32 @@ export function startRelay(client: Socket, upstream: Socket, pendingFromClient: 
         return;
       }
     } else {
-      scan(chunk, false);
+      fromServer.scan(chunk, onServerMessage, false);
     }
     stats.bytesToClient += chunk.length;
     if (!client.write(chunk)) {
       upstream.pause();
-      client.once('drain', () => upstream.resume());
+      client.once('drain', resumeUpstream);
     }
+  };
+
+  const onUpstreamError = (): void => {
+    upstreamFailed = true;
+    finish();
+  };
+  const onUpstreamClosed = (): void => {
+    upstreamFailed = true;
+    finish();
   };
 
   client.on('data', fromClient);
   upstream.on('data', fromUpstream);
   client.on('error', () => finish());
-  upstream.on('error', () => finish());
-  client.on('close', () => {
-    onSocketClosed();
-    finish();
-  });
-  upstream.on('close', () => {
-    onSocketClosed();
-    finish();
-  });
+  upstream.on('error', onUpstreamError);
+  client.on('close', () => finish());
+  upstream.on('close', onUpstreamClosed);
   client.on('end', () => finish());
-  upstream.on('end', () => finish());
+  upstream.on('end', onUpstreamClosed);
 
   if (pendingFromUpstream.length) fromUpstream(pendingFromUpstream);
   if (pendingFromClient.length) fromClient(pendingFromClient);
@@ -138,13 +256,14 @@ export function startRelay(client: Socket, upstream: Socket, pendingFromClient: 
     terminate(finalMessage: Buffer): void {
       if (done || goodbye) return;
       goodbye = finalMessage;
-      if (remaining === 0 && headerFill === 0) {
+      if (fromServer.atBoundary) {
         finish();
         return;
       }
       setTimeout(() => {
         if (!done) {
           goodbye = null;
+          upstreamFailed = true;
           finish();
         }
       }, TERMINATE_GRACE_MS).unref();

@@ -22,6 +22,7 @@ import { startMetricsServer } from './metrics-server.js';
 import { RouteCache } from './route-cache.js';
 import { runSession, type ProxyContext } from './session.js';
 import { TokenVerifier } from './token-verifier.js';
+import { UpstreamPool } from './upstream-pool.js';
 
 export interface ProxyServerOptions {
   config: ProxyConfig;
@@ -38,6 +39,7 @@ export class ProxyServer {
   readonly controlPlane: ControlPlaneClient;
   readonly routes: RouteCache;
   readonly verifier: TokenVerifier;
+  readonly upstreamPool: UpstreamPool;
   private readonly ctx: ProxyContext;
   private readonly audit: AuditReporter;
   private readonly server: Server;
@@ -58,6 +60,12 @@ export class ProxyServer {
       post: (events) => this.controlPlane.postConnectionEvents(events),
       onDropped: (n) => this.metrics.auditDropped.inc(n),
       log,
+    });
+    this.upstreamPool = new UpstreamPool({
+      idleTimeoutMs: config.upstreamIdleTimeoutMs,
+      maxIdlePerOrchestra: config.upstreamIdleMax,
+      onReuse: () => this.metrics.upstreamReused.inc(),
+      onDiscard: (reason) => this.metrics.upstreamDiscarded.inc({ reason }),
     });
     const cancelKeys = new CancelKeys();
     this.bus = config.redisUrl
@@ -84,6 +92,7 @@ export class ProxyServer {
       remoteCancel: this.bus ? (p, k) => this.bus!.forwardCancel(p, k) : undefined,
       limiter: opts.limiter ?? this.bus?.limiter ?? new LocalConnectionLimiter(),
       live: this.live,
+      upstreamPool: this.upstreamPool,
       metrics: this.metrics,
       audit: this.audit,
       log,
@@ -125,6 +134,7 @@ export class ProxyServer {
     await Promise.race([this.live.whenEmpty(), new Promise((r) => setTimeout(r, 2_000))]);
     for (const s of this.sockets) s.destroy();
     this.eventsAbort.abort();
+    this.upstreamPool.closeAll();
     await this.bus?.close();
     await this.audit.close();
     await new Promise<void>((r) => (this.metricsServer ? this.metricsServer.close(() => r()) : r()));
@@ -164,10 +174,12 @@ export class ProxyServer {
       case 'orchestra-changed':
         this.routes.invalidate(e.subdomain);
         this.routes.invalidateOrchestra(e.orchestraId);
+        this.upstreamPool.dropOrchestra(e.orchestraId);
         void this.recheck(e.orchestraId, e.subdomain);
         break;
       case 'all-changed':
         this.routes.invalidate();
+        this.upstreamPool.closeAll();
         for (const [id, sub] of this.live.orchestras()) void this.recheck(id, sub);
         break;
     }

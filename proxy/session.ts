@@ -19,6 +19,7 @@ import { REFUSALS, Refusal, type RefusalReason } from './refusals.js';
 import { startRelay } from './relay.js';
 import type { RouteCache } from './route-cache.js';
 import { readStartup } from './startup.js';
+import { UpstreamPool } from './upstream-pool.js';
 import type { TokenVerifier } from './token-verifier.js';
 import { UpstreamError, connectUpstream, sendUpstreamCancel, type UpstreamSession } from './upstream-connect.js';
 import { errorResponse } from './wire.js';
@@ -35,6 +36,7 @@ export interface ProxyContext {
   remoteCancel?: (processId: number, secretKey: number) => Promise<boolean>;
   limiter: ConnectionLimiter;
   live: LiveSessions;
+  upstreamPool: UpstreamPool;
   metrics: ProxyMetrics;
   audit: AuditReporter;
   log: Logger;
@@ -55,6 +57,7 @@ export async function runSession(socket: Socket, ctx: ProxyContext): Promise<voi
   let authorized: AuthorizedSession | null = null;
   let upstream: UpstreamSession | null = null;
   let releaseSlot: (() => void) | null = null;
+  let reuseKey = '';
 
   const deadline = setTimeout(() => {
     upstreamAbort.abort();
@@ -83,11 +86,10 @@ export async function runSession(socket: Socket, ctx: ProxyContext): Promise<voi
     ctx.metrics.authSeconds.observe(Number(process.hrtime.bigint() - started) / 1e9);
 
     const connectStarted = process.hrtime.bigint();
+    const params = upstreamStartupParameters(hello.params);
+    reuseKey = UpstreamPool.keyFor(route.orchestraId, route.upstream, params);
     try {
-      upstream = await connectUpstream(route.upstream, upstreamStartupParameters(hello.params), {
-        timeoutMs: ctx.authTimeoutMs,
-        signal: upstreamAbort.signal,
-      });
+      upstream = ctx.upstreamPool.take(reuseKey) ?? (await connectUpstream(route.upstream, params, { timeoutMs: ctx.authTimeoutMs, signal: upstreamAbort.signal }));
     } catch (e) {
       if (e instanceof UpstreamError) {
         throw new Refusal('upstream_unavailable', `${e.kind}${e.sqlstate ? ` ${e.sqlstate}` : ''}: ${e.serverMessage ?? e.message}`);
@@ -115,7 +117,7 @@ export async function runSession(socket: Socket, ctx: ProxyContext): Promise<voi
   const client = reader.socket;
   const leftover = reader.detach();
   writeGreeting(client, up.handoff, key);
-  const relay = startRelay(client, up.socket, leftover, up.rest);
+  const relay = startRelay(client, up.socket, leftover, up.rest, { keepIdleUpstream: ctx.upstreamPool.enabled });
 
   const id = ctx.live.newId();
   const orchestra = auth.subdomain;
@@ -138,7 +140,8 @@ export async function runSession(socket: Socket, ctx: ProxyContext): Promise<voi
   };
   ctx.audit.record({ kind: 'connection.accepted', at: new Date().toISOString(), sqlstate: null, reason: null, ...base });
 
-  await relay.closed;
+  const outcome = await relay.closed;
+  if (outcome.reusableUpstream) void ctx.upstreamPool.giveBack({ session: up, orchestraId: auth.route.orchestraId, key: reuseKey }, outcome.reusableUpstream);
   clearTimeout(expiry);
   key.release();
   releaseSlot();
