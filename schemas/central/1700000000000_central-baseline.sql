@@ -24,7 +24,8 @@ $$;
 CREATE FUNCTION stagedoor_canonical_address(h text, p integer, d text, u text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
   SELECT CASE WHEN h IS NULL OR d IS NULL THEN NULL ELSE
-    stagedoor_canonical_host(h) || ':' || coalesce(p, 5432)::text || '/' || d ||
+    CASE WHEN strpos(stagedoor_canonical_host(h), ':') > 0 THEN '[' || stagedoor_canonical_host(h) || ']'
+         ELSE stagedoor_canonical_host(h) END || ':' || coalesce(p, 5432)::text || '/' || d ||
     coalesce('#' || lower(substring(u from '^[^.]+\.([A-Za-z0-9]+)$')), '')
   END
 $$;

@@ -346,3 +346,11 @@ describe('the password message', () => {
     await assert.rejects(run.result, refusal('08P01', 'password_packet_invalid'));
   });
 });
+
+describe('REQUIRE_TLS exemption', () => {
+  test('only loopback addresses may connect without TLS', async () => {
+    const { isLoopback } = await import('../../proxy/session.js');
+    for (const a of ['127.0.0.1', '127.8.9.10', '::1', '::ffff:127.0.0.1']) assert.equal(isLoopback(a), true, a);
+    for (const a of ['10.0.0.1', '192.168.1.2', '::ffff:10.0.0.1', 'fe80::1', '128.0.0.1', 'unknown']) assert.equal(isLoopback(a), false, a);
+  });
+});
