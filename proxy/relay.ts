@@ -247,8 +247,15 @@ export function startRelay(client: Socket, upstream: Socket, pendingFromClient: 
 
   if (pendingFromUpstream.length) fromUpstream(pendingFromUpstream);
   if (pendingFromClient.length) fromClient(pendingFromClient);
-  client.resume();
-  upstream.resume();
+  // A side that closed while the upstream was being connected will never emit
+  // 'close' again: settle now rather than wait forever.
+  if (client.destroyed || upstream.destroyed) {
+    if (upstream.destroyed) upstreamFailed = true;
+    finish();
+  } else {
+    client.resume();
+    upstream.resume();
+  }
 
   return {
     stats,
