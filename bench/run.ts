@@ -9,7 +9,7 @@
 
 import { execFile, spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { createWriteStream, existsSync, readFileSync, type WriteStream } from 'node:fs';
+import { createWriteStream, existsSync, readdirSync, readFileSync, type WriteStream } from 'node:fs';
 import { chmod, chown, mkdir, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
@@ -197,6 +197,57 @@ function rssKb(pid: number): number {
   return Number(m[1]);
 }
 
+/** Busy clock ticks of the whole machine (all cores), from /proc/stat. */
+function machineBusyTicks(): number {
+  const f = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq steal
+  return f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] ?? 0);
+}
+
+/**
+ * CPU ticks of this bench and everything below it (stagedoor, PostgreSQL, PgBouncer, pgbench), exited children
+ * included through their parents' cutime/cstime.
+ */
+function ownTreeTicks(): number {
+  const procs = new Map<number, { ppid: number; ticks: number }>();
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const s = readFileSync(`/proc/${name}/stat`, 'utf8');
+      const rest = s.slice(s.lastIndexOf(')') + 2).split(' ');
+      // rest[1] = ppid (field 4); utime, stime, cutime, cstime = fields 14–17
+      procs.set(Number(name), { ppid: Number(rest[1]), ticks: Number(rest[11]) + Number(rest[12]) + Number(rest[13]) + Number(rest[14]) });
+    } catch {
+      // exited meanwhile
+    }
+  }
+  const children = new Map<number, number[]>();
+  for (const [pid, p] of procs) {
+    const list = children.get(p.ppid);
+    if (list) list.push(pid);
+    else children.set(p.ppid, [pid]);
+  }
+  let total = 0;
+  const stack = [process.pid];
+  while (stack.length) {
+    const pid = stack.pop()!;
+    total += procs.get(pid)?.ticks ?? 0;
+    stack.push(...(children.get(pid) ?? []));
+  }
+  return total;
+}
+
+/** Measures how much CPU other work on the machine took while `fn` ran, in cores. */
+async function withForeignLoad<T>(ticksPerSecond: number, fn: () => Promise<T>): Promise<{ value: T; foreignCores: number }> {
+  const t = Date.now();
+  const busy0 = machineBusyTicks();
+  const own0 = ownTreeTicks();
+  const value = await fn();
+  const foreign = machineBusyTicks() - busy0 - (ownTreeTicks() - own0);
+  const seconds = (Date.now() - t) / 1000;
+  return { value, foreignCores: Math.max(0, foreign / ticksPerSecond / Math.max(seconds, 0.001)) };
+}
+
 // ---------------------------------------------------------------------------------------------
 // targets
 
@@ -342,7 +393,7 @@ async function proxyHeapUsed(sd: Stagedoor): Promise<number | null> {
 async function scrapeProxyMetrics(sd: Stagedoor): Promise<string[]> {
   try {
     const text = await (await fetch(`${sd.metricsUrl}/metrics`)).text();
-    return text.split('\n').filter((l) => /^stagedoor_(refusals_total|audit_events_dropped_total|sessions_terminated_total|sessions_total|route_cache_total)\b/.test(l));
+    return text.split('\n').filter((l) => /^stagedoor_(refusals_total|audit_events_dropped_total|sessions_terminated_total|sessions_total|route_cache_total|upstream_reused_total|upstream_discarded_total)\b/.test(l));
   } catch (e) {
     return [`(metrics not readable: ${(e as Error).message})`];
   }
@@ -450,8 +501,8 @@ interface PgbenchRun {
   wallSeconds: number;
   cpuTicks: number | null;
   cpuUsPerTxn: number | null;
-  /** 1-minute load average when the run started: other work on the machine shows here */
-  loadAvg1: number;
+  /** cores' worth of CPU taken by processes outside this bench during the run (other work on the machine) */
+  foreignCores: number;
   error?: string;
 }
 
@@ -478,9 +529,8 @@ const num = (re: RegExp, s: string): number | null => {
 
 async function runPgbench(test: PgbenchTest, t: Target, round: number, seconds: number, ticksPerSecond: number): Promise<PgbenchRun> {
   const args = ['-n', '-T', String(seconds), ...test.args, ...connArgs(t), t.database];
-  const loadAvg1 = os.loadavg()[0];
   const before = t.pid !== null ? cpuTicks(t.pid) : null;
-  const r = await run('pgbench', args, { env: clientEnv(t), timeoutMs: (seconds + 120) * 1000 });
+  const { value: r, foreignCores } = await withForeignLoad(ticksPerSecond, () => run('pgbench', args, { env: clientEnv(t), timeoutMs: (seconds + 120) * 1000 }));
   if (interrupted) throw new Error('interrupted');
   const after = t.pid !== null ? cpuTicks(t.pid) : null;
   const out = r.stdout + '\n' + r.stderr;
@@ -499,29 +549,29 @@ async function runPgbench(test: PgbenchTest, t: Target, round: number, seconds: 
     wallSeconds: r.ms / 1000,
     cpuTicks: cpu,
     cpuUsPerTxn: cpu !== null && transactions ? (cpu / ticksPerSecond) * 1e6 / transactions : null,
-    loadAvg1,
+    foreignCores,
   };
   const errLines = r.stderr.split('\n').filter((l) => /error|abort|fatal|could not/i.test(l));
   if (r.code !== 0 || errLines.length) run1.error = (errLines.length ? errLines.slice(0, 5).join(' | ') : `exit ${r.code} ${r.signal ?? ''}: ${r.stderr.trim().slice(-300)}`).slice(0, 1200);
   return run1;
 }
 
-interface CopyRun { direction: 'out' | 'in'; target: TargetName; round: number; ok: boolean; seconds: number; rows: number | null; bytes: number; mbPerSec: number | null; rowsPerSec: number | null; error?: string }
+interface CopyRun { direction: 'out' | 'in'; target: TargetName; round: number; ok: boolean; seconds: number; rows: number | null; bytes: number; foreignCores: number; mbPerSec: number | null; rowsPerSec: number | null; error?: string }
 
 function copyQuery(rows: number): string {
   return `select g, md5(g::text) from generate_series(1,${rows}) g`;
 }
 
-async function runCopy(direction: 'out' | 'in', t: Target, round: number, rows: number, file: string, bytes: number, direct: Target): Promise<CopyRun> {
+async function runCopy(direction: 'out' | 'in', t: Target, round: number, rows: number, file: string, bytes: number, direct: Target, ticksPerSecond: number): Promise<CopyRun> {
   if (direction === 'in') await psqlOk(direct, 'TRUNCATE bench_copy');
   const command = direction === 'out' ? `\\copy (${copyQuery(rows)}) to '/dev/null'` : `\\copy bench_copy from '${file}'`;
-  const r = await psql(t, command);
+  const { value: r, foreignCores } = await withForeignLoad(ticksPerSecond, () => psql(t, command));
   if (interrupted) throw new Error('interrupted');
   const copied = num(/COPY (\d+)/, r.stdout);
   const seconds = r.ms / 1000;
   const ok = r.code === 0 && copied === rows;
   const res: CopyRun = {
-    direction, target: t.name, round, ok, seconds, rows: copied, bytes,
+    direction, target: t.name, round, ok, seconds, rows: copied, bytes, foreignCores,
     mbPerSec: ok ? bytes / 1e6 / seconds : null,
     rowsPerSec: ok ? rows / seconds : null,
   };
@@ -661,6 +711,7 @@ function check(target: string, value: number | null, ok: (v: number) => boolean,
 
 async function bench(opts: Options): Promise<void> {
   const t0 = Date.now();
+  const code = await codeVersion();
   for (const tool of ['pgbench', 'psql']) if (!(await which(tool))) throw new Error(`${tool} is not installed (apt-get install -y postgresql-client)`);
   if (!existsSync(path.join(ROOT, 'dist', 'cli', 'main.js'))) throw new Error('dist/cli/main.js is missing: run npm run build');
   progress(`profile: ${opts.quick ? 'quick' : 'full'}; ${opts.rounds} round(s) of direct/stagedoor/pgbouncer; pgbench -T ${opts.seconds}; ${opts.idleSessions} idle sessions; COPY ${opts.copyRows} rows`);
@@ -769,27 +820,28 @@ async function bench(opts: Options): Promise<void> {
       for (const t of targets) {
         const r = await runPgbench(test, t, round, opts.seconds, ticksPerSecond);
         pgbenchRuns.push(r);
-        progress(`${test.id.padEnd(3)} round ${round} ${t.name.padEnd(9)} ${r.ok ? `tps ${r.tps?.toFixed(0)} lat ${r.latencyMs} ms${r.cpuUsPerTxn !== null ? ` cpu ${r.cpuUsPerTxn.toFixed(1)} µs/txn` : ''}` : 'FAILED'}${r.error ? ` [${r.error.slice(0, 200)}]` : ''}`);
+        progress(`${test.id.padEnd(3)} round ${round} ${t.name.padEnd(9)} ${r.ok ? `tps ${r.tps?.toFixed(0)} lat ${r.latencyMs} ms${r.cpuUsPerTxn !== null ? ` cpu ${r.cpuUsPerTxn.toFixed(1)} µs/txn` : ''} (other work ${r.foreignCores.toFixed(2)} cores)` : 'FAILED'}${r.error ? ` [${r.error.slice(0, 200)}]` : ''}`);
       }
     }
   }
 
   // COPY out and in (one unrecorded direct run of each first)
   progress('COPY warm-up (direct, not recorded)');
-  for (const direction of ['out', 'in'] as const) await runCopy(direction, direct, 0, opts.copyRows, copyFile, copyBytes, direct);
+  for (const direction of ['out', 'in'] as const) await runCopy(direction, direct, 0, opts.copyRows, copyFile, copyBytes, direct, ticksPerSecond);
   const copyRuns: CopyRun[] = [];
   for (const direction of ['out', 'in'] as const) {
     for (let round = 1; round <= opts.rounds; round++) {
       for (const t of targets) {
-        const r = await runCopy(direction, t, round, opts.copyRows, copyFile, copyBytes, direct);
+        const r = await runCopy(direction, t, round, opts.copyRows, copyFile, copyBytes, direct, ticksPerSecond);
         copyRuns.push(r);
-        progress(`COPY ${direction.padEnd(3)} round ${round} ${t.name.padEnd(9)} ${r.ok ? `${r.seconds.toFixed(2)} s, ${r.mbPerSec?.toFixed(1)} MB/s` : `FAILED ${r.error}`}`);
+        progress(`COPY ${direction.padEnd(3)} round ${round} ${t.name.padEnd(9)} ${r.ok ? `${r.seconds.toFixed(2)} s, ${r.mbPerSec?.toFixed(1)} MB/s (other work ${r.foreignCores.toFixed(2)} cores)` : `FAILED ${r.error}`}`);
       }
     }
   }
 
 
   const metricsLines = await scrapeProxyMetrics(sd);
+  const reused = metricsLines.filter((l) => l.startsWith('stagedoor_upstream_reused_total')).reduce((a, l) => a + (Number(l.split(/\s+/).pop()) || 0), 0);
   const wallSeconds = (Date.now() - t0) / 1000;
 
   // ---------------- report
@@ -854,12 +906,13 @@ async function bench(opts: Options): Promise<void> {
   const idleSd = idleRuns.find((r) => r.target === 'stagedoor');
   const idleBn = idleRuns.find((r) => r.target === 'pgbouncer');
   const nproc = os.availableParallelism();
-  const loads = pgbenchRuns.map((r) => r.loadAvg1);
-  const loadRange = loads.length ? `${Math.min(...loads).toFixed(2)}–${Math.max(...loads).toFixed(2)} (median ${median(loads)?.toFixed(2)})` : 'n/a';
+  const foreign = [...pgbenchRuns.map((r) => r.foreignCores), ...copyRuns.map((r) => r.foreignCores)];
+  const foreignSummary = foreign.length ? `median ${median(foreign)?.toFixed(2)}, max ${Math.max(...foreign).toFixed(2)} of ${nproc} cores; ${foreign.filter((f) => f > 0.25).length} of ${foreign.length} runs above 0.25` : 'n/a';
   const date = new Date().toISOString();
   const notes = [
     `- ${date}; ${nproc} cores shared by PostgreSQL, pgbench, the proxy and PgBouncer: compare ratios within this run only.`,
     `- Medians of ${opts.rounds} round(s) per cell, runs alternated direct → stagedoor → pgbouncer; pgbench -n -T ${opts.seconds}, -j min(clients, 2), scale 10; a 3 s warm-up per target before the first test (not recorded).`,
+    `- stagedoor code: ${code.text}.`,
     `- Targets: direct = the tenant PostgreSQL ${serverVersion} as its superuser; stagedoor = \`node dist/cli/main.js dev\` in its own process (user bench, the token as password); pgbouncer = ${bouncer ? `${bouncer.version}, pool_mode=session, default_pool_size=40, auth_type=scram-sha-256, as the superuser` : `not measured (${bouncerNote})`}.`,
     `- ${bouncerNote}.`,
     '- All three on 127.0.0.1 with PGSSLMODE=disable: the proxy accepts non-TLS clients on loopback (REQUIRE_TLS applies to remote ones only); no TLS cost anywhere.',
@@ -867,8 +920,8 @@ async function bench(opts: Options): Promise<void> {
     `- Process CPU and RSS: stagedoor = the dev child (pid ${sd.child.pid}), which also hosts the control plane (it receives the proxy's connection audit events), so connection-heavy numbers include that; pgbouncer = its own process. CPU from /proc/<pid>/stat utime+stime (CLK_TCK ${ticksPerSecond}) around each run ÷ transactions.`,
     `- Idle sessions: opened with node-postgres in batches of 50, no query sent; before the pgbench runs; RSS delta (VmRSS after − before, each read once steady) ÷ sessions open.${idleSd ? ` stagedoor: ${idleSd.opened} open, ${idleSd.rssBeforeKb} → ${idleSd.rssAfterKb} kB, second half alone ${idleSd.marginalKbPerSession === null ? 'n/a' : `${idleSd.marginalKbPerSession.toFixed(1)} kB`} per session (V8 heap used ${idleSd.heapUsedKbPerSession === null ? 'n/a' : `${idleSd.heapUsedKbPerSession.toFixed(1)} kB`} per session by the proxy's own /metrics; RSS moves in whole heap pages, so a small delta is approximate), each session also holding an upstream backend.` : ''}${idleBn ? ` PgBouncer: ${idleBn.opened} open, ${idleBn.rssBeforeKb} → ${idleBn.rssAfterKb} kB, second half alone ${idleBn.marginalKbPerSession === null ? 'n/a' : `${idleBn.marginalKbPerSession.toFixed(1)} kB`} per session; in session mode an idle client that has sent no query holds no server connection.` : ''}`,
     `- COPY: \`psql -c "\\copy (${copyQuery(opts.copyRows)}) to '/dev/null'"\` and \`\\copy bench_copy from '<file>'\` into an UNLOGGED table truncated before each run; MB/s = ${mb} MB of COPY text ÷ psql wall time (connection included).`,
-    '- Connect per transaction: pgbench pays SCRAM-SHA-256 (PBKDF2) as the client of direct and of PgBouncer (which also derives the key from the plain password in its auth_file at every login); through stagedoor the client sends the token in clear (AuthenticationCleartextPassword) and the proxy caches its upstream SCRAM keys — this, not raw speed, is why stagedoor can beat direct here.',
-    `- Machine load: 1-minute load average at pgbench run starts ${loadRange}; anything above ~${nproc} means other work shared the cores during this run.`,
+    `- Connect per transaction: direct forks a backend per connection; PgBouncer and${reused > 0 ? ` stagedoor (upstream reuse: ${reused} upstream connections reused in this run, reset between clients)` : ' (not in this build: no upstream reused) stagedoor'} hand out kept server connections. pgbench also pays SCRAM-SHA-256 (PBKDF2) as the client of direct and of PgBouncer (which derives the key from the plain password in its auth_file at every login), while through stagedoor the client sends the token in clear (AuthenticationCleartextPassword) and the proxy caches its upstream SCRAM keys.`,
+    `- Other work on the machine during the measured runs (machine busy CPU − this bench's process tree, /proc): ${foreignSummary}. Runs with other work are slower for whichever target they hit; the per-run value is in latest.json (foreignCores).`,
     `- stagedoor log (LOG_LEVEL=${opts.logLevel}): ${sd.problemCount} warning/error line(s).`,
   ];
   const md = [
@@ -907,6 +960,7 @@ async function bench(opts: Options): Promise<void> {
     profile: opts.quick ? 'quick' : 'full',
     options: opts,
     machine: { nproc, cpus: os.cpus()[0]?.model ?? 'unknown', memoryMb: Math.round(os.totalmem() / 2 ** 20), kernel: os.release() },
+    stagedoorCode: code,
     versions: { node: process.version, postgres: serverVersion, pgbench: pgbenchVersion, pgbouncer: bouncer?.version ?? null },
     pgbouncer: { installed: bouncerInstall.bin !== null, note: bouncerNote },
     clockTicksPerSecond: ticksPerSecond,
@@ -923,6 +977,18 @@ async function bench(opts: Options): Promise<void> {
   await writeFile(path.join(resultsDir, 'latest.md'), `# stagedoor bench results\n\n${md}`);
   await writeFile(path.join(resultsDir, 'latest.json'), JSON.stringify(json, null, 2) + '\n');
   progress(`wrote bench/results/latest.md and bench/results/latest.json (wall time ${(wallSeconds / 60).toFixed(1)} min)`);
+}
+
+/** Which stagedoor was measured: dist/ is built from the work tree, which may be ahead of HEAD. */
+async function codeVersion(): Promise<{ commit: string; changedFiles: number; text: string }> {
+  try {
+    const commit = (await execFileP('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD'])).stdout.trim();
+    const status = (await execFileP('git', ['-C', ROOT, 'status', '--porcelain', '--', 'proxy', 'common', 'control-plane', 'cli'])).stdout;
+    const changedFiles = status.split('\n').filter(Boolean).length;
+    return { commit, changedFiles, text: `commit ${commit}${changedFiles ? ` plus ${changedFiles} uncommitted file(s) in proxy/ common/ control-plane/ cli/` : ''} (dist built from the work tree at the start of this run)` };
+  } catch {
+    return { commit: 'unknown', changedFiles: 0, text: 'unknown (no git)' };
+  }
 }
 
 async function main(): Promise<number> {
