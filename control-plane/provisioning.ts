@@ -91,7 +91,14 @@ export class Provisioner {
     try {
       await run('validate', () => this.validateRequest(req));
       await run('record', async () => {
-        await this.d.store.insert({ id, subdomain: req.subdomain, name: req.name, status: 'provisioning', source: req.databaseUrl ? 'attached' : 'provisioned' });
+        try {
+          await this.d.store.insert({ id, subdomain: req.subdomain, name: req.name, status: 'provisioning', source: req.databaseUrl ? 'attached' : 'provisioned' });
+        } catch (e) {
+          // Two requests for one subdomain can both pass `validate`; the unique index
+          // decides, and the loser's answer is the same conflict as at `validate`.
+          if ((e as { code?: string }).code === '23505') throw new ProvisioningError('record', 409, `subdomain "${req.subdomain}" is already taken`);
+          throw e;
+        }
         undo.push({ label: 'record', run: () => this.d.store.remove(id) });
       });
       const { upstream, source } = await run('database', () => this.obtainDatabase(id, req, undo));
@@ -103,6 +110,9 @@ export class Provisioner {
       await this.d.store.setUpstream(id, upstream, { fingerprint, ownsDatabase: source === 'provisioned' });
       await run('schema', () => applyMigrations(urlOf(upstream), this.d.orchestraSet, this.d.log));
       await run('marker', () => writeMarker(upstream, id, req.subdomain));
+      // An attached or pool database outlives a failed provisioning: a marker left
+      // naming this (rolled-back) orchestra would refuse it to every later one.
+      if (source !== 'provisioned') undo.push({ label: 'marker', run: () => removeMarker(upstream, id) });
       await run('health', () => this.healthCheck(id, upstream, fingerprint));
       const row = await run('activate', () => this.d.store.update(id, { status: 'active' }));
       this.d.audit.record({ kind: 'provisioning.completed', orchestraId: id, subdomain: req.subdomain, detail: { steps } });
@@ -197,9 +207,13 @@ export class Provisioner {
     const password = await tenant.createRole(role);
     undo.push({ label: 'role', run: () => tenant.dropRole(role) });
     await this.d.store.pool.query('UPDATE orchestras SET upstream_user = $2, owns_database = true WHERE id = $1', [id, role]);
-    await tenant.createDatabase(database, role);
-    undo.push({ label: 'database', run: () => tenant.dropDatabase(database) });
-    await this.d.store.pool.query('UPDATE orchestras SET upstream_database = $2 WHERE id = $1', [id, database]);
+    // Registered the moment CREATE DATABASE succeeds, not when createDatabase returns:
+    // a failure in its later statements must drop the database too (else the
+    // role cannot be dropped either, and nothing remembers them).
+    await tenant.createDatabase(database, role, async () => {
+      undo.push({ label: 'database', run: () => tenant.dropDatabase(database) });
+      await this.d.store.pool.query('UPDATE orchestras SET upstream_database = $2 WHERE id = $1', [id, database]);
+    });
     return { upstream: { host: tenant.admin.host, port: tenant.admin.port, database, user: role, password, sslmode: tenant.admin.sslmode }, source: 'provisioned' };
   }
 
@@ -239,6 +253,13 @@ export class Provisioner {
   private async rollback(undo: Undo[]): Promise<string[]> {
     const leftovers: string[] = [];
     for (const u of [...undo].reverse()) {
+      if (u.label === 'record' && leftovers.some((l) => l.startsWith('role:') || l.startsWith('database:'))) {
+        // The record (status provisioning, upstream_user/upstream_database, owns_database)
+        // is the only note of what could not be dropped: keep it, so that
+        // cleanUpInterrupted drops them at the next start.
+        leftovers.push('record: kept until the role and database are dropped at the next start');
+        continue;
+      }
       try {
         await u.run();
       } catch (e) {
@@ -307,6 +328,13 @@ export async function writeMarker(u: ParsedDatabaseUrl, orchestraId: string, sub
        ON CONFLICT (singleton) DO UPDATE SET subdomain = EXCLUDED.subdomain, written_at = now()`,
       [orchestraId, subdomain],
     );
+  });
+}
+
+/** Undoes writeMarker for an orchestra that was rolled back (a marker naming someone else is left alone). */
+export async function removeMarker(u: ParsedDatabaseUrl, orchestraId: string): Promise<void> {
+  await withClient(u, async (c) => {
+    await c.query('DELETE FROM stagedoor_marker WHERE orchestra_id = $1', [orchestraId]);
   });
 }
 

@@ -12,6 +12,15 @@ export interface CreatedDatabase {
   database: string;
 }
 
+/**
+ * Two sessions changing one database's ACL at the same time make the second fail
+ * with "tuple concurrently updated" (XX000), so simultaneous provisionings failed
+ * each other's `lockdown` (and a new database's own REVOKE). Every database ACL
+ * change made here holds this session-level advisory lock; it is released when
+ * the admin connection ends.
+ */
+const DATABASE_ACL_LOCK = 'SELECT pg_catalog.pg_advisory_lock(7265391042)';
+
 export class TenantServer {
   readonly admin: ParsedDatabaseUrl;
 
@@ -48,9 +57,12 @@ export class TenantServer {
     return password;
   }
 
-  async createDatabase(database: string, owner: string): Promise<void> {
+  /** `onCreated` runs as soon as the database exists, before anything else here can fail, so the caller can undo it. */
+  async createDatabase(database: string, owner: string, onCreated: () => Promise<void> = async () => {}): Promise<void> {
     await this.withAdmin(async (c) => {
       await c.query(`CREATE DATABASE ${pg.escapeIdentifier(database)} OWNER ${pg.escapeIdentifier(owner)} TEMPLATE template0 ENCODING 'UTF8'`);
+      await onCreated();
+      await c.query(DATABASE_ACL_LOCK);
       // Only the owner may connect: PUBLIC holds CONNECT on every new database by default.
       await c.query(`REVOKE ALL ON DATABASE ${pg.escapeIdentifier(database)} FROM PUBLIC`);
       await c.query(`GRANT CONNECT, TEMPORARY ON DATABASE ${pg.escapeIdentifier(database)} TO ${pg.escapeIdentifier(owner)}`);
@@ -65,11 +77,14 @@ export class TenantServer {
   /** When stagedoor manages the server (dev): no database but the templates stays open to PUBLIC. */
   async revokePublicConnectEverywhere(): Promise<string[]> {
     return this.withAdmin(async (c) => {
+      // The admin database is closed too (it was skipped, leaving every orchestra role
+      // able to log in to it). The admin keeps its way in: a superuser or the owner
+      // needs no PUBLIC grant, and a REVOKE by anyone else revokes nothing.
+      await c.query(DATABASE_ACL_LOCK); // before listing: what another lockdown closed meanwhile is not listed
       const res = await c.query<{ datname: string }>(
         `SELECT d.datname FROM pg_catalog.pg_database d
-          WHERE NOT d.datistemplate AND d.datname <> $1
+          WHERE NOT d.datistemplate
             AND pg_catalog.has_database_privilege('public', d.oid, 'CONNECT')`,
-        [this.admin.database],
       );
       for (const r of res.rows) await c.query(`REVOKE CONNECT ON DATABASE ${pg.escapeIdentifier(r.datname)} FROM PUBLIC`);
       return res.rows.map((r) => r.datname);
