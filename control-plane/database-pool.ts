@@ -9,6 +9,9 @@ import type { SecretBox } from './secrets.js';
 import { formatDatabaseUrl, parseDatabaseUrl, type ParsedDatabaseUrl } from './upstream-identity.js';
 
 export class DatabasePool {
+  /** Keys of the URLs configured now: an entry removed from the environment is never handed out. */
+  private configured: string[] = [];
+
   constructor(
     private readonly pool: pg.Pool,
     private readonly box: SecretBox,
@@ -17,6 +20,7 @@ export class DatabasePool {
   /** Registers the configured URLs (idempotent: keyed by canonical address). */
   async register(urls: readonly string[]): Promise<number> {
     let added = 0;
+    this.configured = [];
     for (const [i, raw] of urls.entries()) {
       let u: ParsedDatabaseUrl;
       try {
@@ -30,13 +34,15 @@ export class DatabasePool {
         [key, this.box.seal(formatDatabaseUrl(u), `pool:${key}`)],
       );
       added += res.rowCount ?? 0;
+      this.configured.push(key);
     }
     return added;
   }
 
   async available(): Promise<{ total: number; free: number }> {
     const r = await this.pool.query<{ total: string; free: string }>(
-      'SELECT count(*)::text AS total, count(*) FILTER (WHERE assigned_to IS NULL AND assigned_at IS NULL)::text AS free FROM pool_databases',
+      'SELECT count(*)::text AS total, count(*) FILTER (WHERE assigned_to IS NULL AND assigned_at IS NULL)::text AS free FROM pool_databases WHERE pool_key = ANY($1::text[])',
+      [this.configured],
     );
     return { total: Number(r.rows[0]!.total), free: Number(r.rows[0]!.free) };
   }
@@ -46,9 +52,10 @@ export class DatabasePool {
     const r = await this.pool.query<{ pool_key: string; url_enc: string }>(
       `UPDATE pool_databases SET assigned_to = $1, assigned_at = now()
         WHERE pool_key = (SELECT pool_key FROM pool_databases WHERE assigned_to IS NULL AND assigned_at IS NULL
+                             AND pool_key = ANY($2::text[])
                            ORDER BY pool_key LIMIT 1 FOR UPDATE SKIP LOCKED)
         RETURNING pool_key, url_enc`,
-      [orchestraId],
+      [orchestraId, this.configured],
     );
     const row = r.rows[0];
     if (!row) return null;

@@ -72,7 +72,13 @@ export class Lifecycle {
       throw new ApiError(422, 'schema_failed', (e as Error).message);
     }
     const updated = await this.store.setUpstream(row.id, u, { fingerprint, ownsDatabase: false });
-    this.audit.record({ kind: 'orchestra.reassigned', orchestraId: row.id, subdomain: row.subdomain, detail: { address: updated.canonical_address } });
+    // The old database keeps its data and is not dropped; say where it is so an operator can.
+    this.audit.record({
+      kind: 'orchestra.reassigned',
+      orchestraId: row.id,
+      subdomain: row.subdomain,
+      detail: { address: updated.canonical_address, previousAddress: row.canonical_address, previousCreatedByStagedoor: row.owns_database, previousRole: row.owns_database ? row.upstream_user : undefined },
+    });
     return updated;
   }
 
@@ -81,6 +87,10 @@ export class Lifecycle {
       throw new ApiError(422, 'not_owned', 'stagedoor did not create this database, so it will not drop it');
     }
     if (dropDatabase && !this.tenant) throw new ApiError(422, 'no_tenant_server', 'no tenant server configured to drop the database on');
+    if (dropDatabase && this.tenant && (row.upstream_host !== this.tenant.admin.host || (row.upstream_port ?? 5432) !== this.tenant.admin.port)) {
+      // Drops go by name: only on the server the database really lives on.
+      throw new ApiError(422, 'other_server', 'the database is not on the configured tenant server; drop it there by hand');
+    }
     const deleted = await this.store.update(row.id, { status: 'deleted' });
     // Proxies end live sessions before the database disappears under them.
     this.bus.publish({ type: 'orchestra-changed', orchestraId: row.id, subdomain: row.subdomain });
