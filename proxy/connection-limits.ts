@@ -5,10 +5,16 @@
 export interface ConnectionLimiter {
   /** A release function when under the cap, or null when the cap is reached. */
   acquire(orchestraId: string, max: number | null): Promise<(() => void) | null>;
+  /** Slots this instance holds for an orchestra right now. */
+  held(orchestraId: string): number;
 }
 
 export class LocalConnectionLimiter implements ConnectionLimiter {
   private readonly counts = new Map<string, number>();
+
+  held(orchestraId: string): number {
+    return this.counts.get(orchestraId) ?? 0;
+  }
 
   async acquire(orchestraId: string, max: number | null): Promise<(() => void) | null> {
     const n = this.counts.get(orchestraId) ?? 0;

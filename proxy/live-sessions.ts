@@ -51,15 +51,18 @@ export class LiveSessions {
     return out;
   }
 
-  whenEmpty(): Promise<void> {
+  /** Resolves when no session is left, or after timeoutMs (whichever comes first). */
+  whenEmpty(timeoutMs: number): Promise<void> {
     if (this.sessions.size === 0) return Promise.resolve();
     return new Promise((resolve) => {
+      const started = Date.now();
       const t = setInterval(() => {
-        if (this.sessions.size === 0) {
+        if (this.sessions.size === 0 || Date.now() - started >= timeoutMs) {
           clearInterval(t);
           resolve();
         }
       }, 50);
+      t.unref();
     });
   }
 }

@@ -87,8 +87,13 @@ export class RedisBus {
   }
 
   readonly limiter: ConnectionLimiter = {
+    held: (orchestraId: string): number => this.local.held(orchestraId),
     acquire: async (orchestraId: string, max: number | null): Promise<(() => void) | null> => {
-      if (max === null) return this.local.acquire(orchestraId, null);
+      // Every session of this instance is also counted locally, so that when
+      // Redis goes away the fallback still knows what this instance holds.
+      const releaseLocal = await this.local.acquire(orchestraId, max);
+      if (!releaseLocal) return null;
+      if (max === null) return releaseLocal;
       const member = `${this.instanceId}:${++this.seq}`;
       const now = Date.now();
       let granted: number;
@@ -96,11 +101,15 @@ export class RedisBus {
         granted = (await this.cmd.eval(ACQUIRE, 1, leaseKey(orchestraId), now, now + LEASE_TTL_MS, max, member)) as number;
       } catch (e) {
         this.log.warn('redis unavailable for the connection cap; counting on this instance only', { error: e });
-        return this.local.acquire(orchestraId, max);
+        return releaseLocal;
       }
-      if (granted !== 1) return null;
+      if (granted !== 1) {
+        releaseLocal();
+        return null;
+      }
       this.leases.set(member, orchestraId);
       return () => {
+        releaseLocal();
         if (!this.leases.delete(member)) return;
         this.cmd.zrem(leaseKey(orchestraId), member).catch(() => {});
       };

@@ -129,9 +129,9 @@ export class ProxyServer {
   async stop(drainMs = 0): Promise<void> {
     this.draining = true;
     this.server.close();
-    if (drainMs > 0) await Promise.race([this.live.whenEmpty(), new Promise((r) => setTimeout(r, drainMs))]);
+    if (drainMs > 0) await this.live.whenEmpty(drainMs);
     this.live.terminateWhere(() => true, 'shutting_down');
-    await Promise.race([this.live.whenEmpty(), new Promise((r) => setTimeout(r, 2_000))]);
+    await this.live.whenEmpty(2_000);
     for (const s of this.sockets) s.destroy();
     this.eventsAbort.abort();
     this.upstreamPool.closeAll();

@@ -89,7 +89,13 @@ export async function runSession(socket: Socket, ctx: ProxyContext): Promise<voi
     const params = upstreamStartupParameters(hello.params);
     reuseKey = UpstreamPool.keyFor(route.orchestraId, route.upstream, params);
     try {
-      upstream = ctx.upstreamPool.take(reuseKey) ?? (await connectUpstream(route.upstream, params, { timeoutMs: ctx.authTimeoutMs, signal: upstreamAbort.signal }));
+      upstream = ctx.upstreamPool.take(reuseKey);
+      if (!upstream) {
+        // A new backend: kept idle ones of this orchestra (other start-up
+        // parameters) count against its cap too, so make room first.
+        if (route.maxConnections !== null) ctx.upstreamPool.trim(route.orchestraId, route.maxConnections - ctx.limiter.held(route.orchestraId));
+        upstream = await connectUpstream(route.upstream, params, { timeoutMs: ctx.authTimeoutMs, signal: upstreamAbort.signal });
+      }
     } catch (e) {
       if (e instanceof UpstreamError) {
         throw new Refusal('upstream_unavailable', `${e.kind}${e.sqlstate ? ` ${e.sqlstate}` : ''}: ${e.serverMessage ?? e.message}`);
@@ -141,7 +147,12 @@ export async function runSession(socket: Socket, ctx: ProxyContext): Promise<voi
   ctx.audit.record({ kind: 'connection.accepted', at: new Date().toISOString(), sqlstate: null, reason: null, ...base });
 
   const outcome = await relay.closed;
-  if (outcome.reusableUpstream) void ctx.upstreamPool.giveBack({ session: up, orchestraId: auth.route.orchestraId, key: reuseKey }, outcome.reusableUpstream);
+  if (outcome.reusableUpstream) {
+    // Kept plus active backends of the orchestra stay within its cap (this session, still holding its slot, is leaving).
+    const cap = auth.route.maxConnections;
+    const maxIdle = cap === null ? undefined : cap - (ctx.limiter.held(auth.route.orchestraId) - 1);
+    void ctx.upstreamPool.giveBack({ session: up, orchestraId: auth.route.orchestraId, key: reuseKey }, outcome.reusableUpstream, maxIdle);
+  }
   clearTimeout(expiry);
   key.release();
   releaseSlot();

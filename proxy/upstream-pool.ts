@@ -77,9 +77,15 @@ export class UpstreamPool {
     return null;
   }
 
-  /** Resets an upstream a client left idle and parks it; destroys it when that fails or the cap is reached. */
-  async giveBack(u: IdleUpstream, socket: Socket): Promise<void> {
-    if (!this.enabled || (this.perOrchestra.get(u.orchestraId) ?? 0) >= this.opts.maxIdlePerOrchestra) {
+  /**
+   * Resets an upstream a client left idle and parks it; destroys it when that
+   * fails or when keeping it would exceed `maxIdle` (the idle cap, lowered by
+   * the caller so that kept plus active connections stay within the
+   * orchestra's maxConnections).
+   */
+  async giveBack(u: IdleUpstream, socket: Socket, maxIdle = this.opts.maxIdlePerOrchestra): Promise<void> {
+    const cap = Math.min(maxIdle, this.opts.maxIdlePerOrchestra);
+    if (!this.enabled || (this.perOrchestra.get(u.orchestraId) ?? 0) >= cap) {
       socket.destroy();
       this.opts.onDiscard?.('over_cap');
       return;
@@ -89,7 +95,7 @@ export class UpstreamPool {
       this.opts.onDiscard?.('reset_failed');
       return;
     }
-    if ((this.perOrchestra.get(u.orchestraId) ?? 0) >= this.opts.maxIdlePerOrchestra) {
+    if ((this.perOrchestra.get(u.orchestraId) ?? 0) >= cap) {
       socket.destroy();
       this.opts.onDiscard?.('over_cap');
       return;
@@ -112,6 +118,20 @@ export class UpstreamPool {
     this.perOrchestra.set(u.orchestraId, (this.perOrchestra.get(u.orchestraId) ?? 0) + 1);
   }
 
+  /** Closes idle connections of an orchestra (any start-up parameters, oldest first) until at most `keep` remain. */
+  trim(orchestraId: string, keep: number): void {
+    let idle = this.perOrchestra.get(orchestraId) ?? 0;
+    if (idle <= keep) return;
+    for (const [key, stack] of this.idle) {
+      if (!key.startsWith(`${orchestraId}:`)) continue;
+      while (stack.length > 0 && idle > keep) {
+        this.discard(stack[0]!, 'over_cap');
+        idle--;
+      }
+      if (idle <= keep) return;
+    }
+  }
+
   /** Closes every idle connection of an orchestra (its route changed or it was suspended). */
   dropOrchestra(orchestraId: string): void {
     for (const [key, stack] of this.idle) {
@@ -130,7 +150,7 @@ export class UpstreamPool {
     return n;
   }
 
-  private discard(p: Parked, reason: 'idle_timeout' | 'route_changed' | 'lost'): void {
+  private discard(p: Parked, reason: 'idle_timeout' | 'route_changed' | 'lost' | 'over_cap'): void {
     const stack = this.idle.get(p.key);
     const i = stack?.indexOf(p) ?? -1;
     if (i < 0) return;
