@@ -21,6 +21,14 @@ export const CLIENT_COMMANDS_HELP = `API commands (CONTROL_PLANE_URL, ADMIN_TOKE
 
 class Usage extends Error {}
 
+/** the API commands and their subcommands (null: none) */
+const SUBCOMMANDS: Record<string, readonly string[] | null> = {
+  orchestra: ['create', 'list', 'show', 'suspend', 'resume', 'delete'],
+  token: ['create', 'list', 'revoke'],
+  audit: null,
+  import: null,
+};
+
 interface Parsed {
   positional: string[];
   flags: Map<string, string | true>;
@@ -62,13 +70,90 @@ class Api {
     } catch (e) {
       throw new Unreachable(`cannot reach the control plane at ${this.base}: ${(e as Error).message}`);
     }
-    const text = await res.text();
-    const data = text ? (JSON.parse(text) as Record<string, unknown>) : {};
-    return { status: res.status, data };
+    return { status: res.status, data: await readJson(res) };
+  }
+
+  /**
+   * POST /v1/orchestras, asking for the NDJSON answer: onStep is called with
+   * each provisioning step the moment the control plane reports it. Falls back
+   * to the JSON answer (steps reported at the end) when that is what arrives.
+   */
+  async provision(body: unknown, onStep: (s: Step) => void): Promise<{ status: number; data: Record<string, unknown> }> {
+    let res: Response;
+    try {
+      res = await fetch(this.base + '/v1/orchestras', {
+        method: 'POST',
+        headers: { authorization: `Bearer ${this.token}`, 'content-type': 'application/json', accept: 'application/x-ndjson, application/json;q=0.5' },
+        body: JSON.stringify(body),
+        signal: AbortSignal.timeout(120_000),
+      });
+    } catch (e) {
+      throw new Unreachable(`cannot reach the control plane at ${this.base}: ${(e as Error).message}`);
+    }
+    if (!/^application\/x-ndjson/i.test(res.headers.get('content-type') ?? '') || !res.body) {
+      const data = await readJson(res);
+      if (res.status === 201) for (const s of (data.steps as Step[] | undefined) ?? []) onStep(s);
+      return { status: res.status, data };
+    }
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buffered = '';
+    const handle = (text: string): { status: number; data: Record<string, unknown> } | undefined => {
+      if (!text.trim()) return undefined;
+      const line = JSON.parse(text) as { step?: Step; status?: number; orchestra?: Record<string, unknown>; error?: unknown };
+      if (line.step) {
+        onStep(line.step);
+        return undefined;
+      }
+      if (typeof line.status === 'number') return { status: line.status, data: line.orchestra ?? { error: line.error } };
+      return undefined;
+    };
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffered += decoder.decode(value, { stream: true });
+        let nl: number;
+        while ((nl = buffered.indexOf('\n')) >= 0) {
+          const outcome = handle(buffered.slice(0, nl));
+          buffered = buffered.slice(nl + 1);
+          if (outcome) return outcome;
+        }
+      }
+      const outcome = handle(buffered + decoder.decode());
+      if (outcome) return outcome;
+    } catch (e) {
+      throw new LostAnswer(`the connection to the control plane broke during provisioning (${(e as Error).message})`);
+    } finally {
+      reader.releaseLock();
+    }
+    throw new LostAnswer('the control plane ended the answer before provisioning finished');
   }
 }
 
+interface Step {
+  step: string;
+  ok: boolean;
+  ms: number;
+  detail?: string;
+}
+
+async function readJson(res: Response): Promise<Record<string, unknown>> {
+  const text = await res.text();
+  if (!text) return {};
+  try {
+    return JSON.parse(text) as Record<string, unknown>;
+  } catch {
+    // not the control plane (a proxy or load balancer in the way): say what came back
+    return { error: { code: 'not_json', message: `HTTP ${res.status} with a body that is not JSON: ${text.slice(0, 200)}` } };
+  }
+}
+
+const stepLine = (s: Step): string => `  ${s.ok ? '✓' : '✗'} ${s.step.padEnd(10)} ${String(s.ms).padStart(5)} ms${s.ok || !s.detail ? '' : `  ${s.detail}`}`;
+
 class Unreachable extends Error {}
+/** the request reached the control plane but its outcome is unknown */
+class LostAnswer extends Error {}
 
 export async function runClientCommand(command: string, args: string[], env: Env): Promise<number> {
   const { positional, flags } = parseArgs(args);
@@ -76,7 +161,17 @@ export async function runClientCommand(command: string, args: string[], env: Env
   const out = (data: unknown, text: string): void => {
     process.stdout.write((json ? JSON.stringify(data, null, 2) : text) + '\n');
   };
+  if (flags.has('help') || flags.has('h') || args.includes('-h')) {
+    // help needs no control plane and no token
+    process.stdout.write(CLIENT_COMMANDS_HELP);
+    return 0;
+  }
   try {
+    // usage first: a wrong command is a usage error whatever the environment
+    const sub0 = positional[0];
+    if (!Object.hasOwn(SUBCOMMANDS, command)) throw new Usage(`unknown command "${command}" (stagedoor --help lists them)`);
+    const subs = SUBCOMMANDS[command];
+    if (subs && (!sub0 || !subs.includes(sub0))) throw new Usage(`usage: stagedoor ${command} ${subs.join('|')} …`);
     const token = env.ADMIN_TOKEN;
     if (!token) throw new Usage('ADMIN_TOKEN is not set (stagedoor dev prints it)');
     const api = new Api((env.CONTROL_PLANE_URL ?? 'http://127.0.0.1:8080').replace(/\/+$/, ''), token);
@@ -99,10 +194,12 @@ export async function runClientCommand(command: string, args: string[], env: Env
         if (!ref || typeof name !== 'string') throw new Usage('usage: stagedoor orchestra create <subdomain> --name <name> [--database-url <url>]');
         const dbUrl = flags.get('database-url');
         if (!json) process.stdout.write(`provisioning ${ref} …\n`);
-        const r = await api.call('POST', '/v1/orchestras', { subdomain: ref, name, ...(typeof dbUrl === 'string' ? { databaseUrl: dbUrl } : {}) });
+        // each step is printed the moment the control plane reports it
+        const r = await api.provision({ subdomain: ref, name, ...(typeof dbUrl === 'string' ? { databaseUrl: dbUrl } : {}) }, (s) => {
+          if (!json) process.stdout.write(stepLine(s) + '\n');
+        });
         if (r.status !== 201) return failed(r);
-        const steps = (r.data.steps as Array<{ step: string; ok: boolean; ms: number }>) ?? [];
-        out(r.data, [...steps.map((s) => `  ${s.ok ? '✓' : '✗'} ${s.step.padEnd(10)} ${s.ms} ms`), `orchestra ${r.data.subdomain} is ${r.data.status} (${r.data.id})`].join('\n'));
+        out(r.data, `orchestra ${r.data.subdomain} is ${r.data.status} (${r.data.id})`);
         return 0;
       }
       if (sub === 'list') {
@@ -190,6 +287,10 @@ export async function runClientCommand(command: string, args: string[], env: Env
       process.stderr.write(`stagedoor: ${e.message}\n`);
       return 2;
     }
+    if (e instanceof LostAnswer) {
+      process.stderr.write(`stagedoor: ${e.message}; see \`stagedoor orchestra show\` for the outcome\n`);
+      return 1;
+    }
     throw e;
   }
 }
@@ -204,5 +305,5 @@ function table(headers: string[], rows: unknown[][]): string {
   const cells = rows.map((r) => r.map((c) => (c === null || c === undefined ? '-' : String(c))));
   const widths = headers.map((h, i) => Math.max(h.length, ...cells.map((r) => r[i]!.length)));
   const line = (r: string[]): string => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd();
-  return [line(headers), ...cells.map(line)].join('\n') || '(none)';
+  return [line(headers), ...(cells.length ? cells.map(line) : ['(none)'])].join('\n');
 }

@@ -2,9 +2,10 @@
 // PostgreSQL for the central database and a tenant server, the control plane
 // and the proxy, all stopped together on SIGTERM/SIGINT.
 
-import { resolve, join } from 'node:path';
+import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 import pg from 'pg';
-import { loadControlPlaneConfig, loadProxyConfig, type Env } from '../common/config.js';
+import { ConfigError, loadControlPlaneConfig, loadProxyConfig, type Env } from '../common/config.js';
 import { formatListenAddress } from '../common/listen-address.js';
 import { createLogger } from '../common/log.js';
 import { ControlPlane } from '../control-plane/server.js';
@@ -21,17 +22,25 @@ export interface DevHandle {
 
 const CENTRAL_DATABASE = 'stagedoor';
 
+/** Another `stagedoor dev` already runs on the data directory: nothing was started. */
+export class DevAlreadyRunning extends Error {}
+
 export async function startDev(env: Env, opts: { banner?: boolean } = {}): Promise<DevHandle> {
   const log = createLogger({ role: 'dev' });
   const dataDir = resolve(env.STAGEDOOR_DATA_DIR ?? './.stagedoor');
-  const state = await loadDevState(dataDir);
-  const stops: Array<() => Promise<void>> = [];
+  refuseUnreachableDataDir(dataDir);
+  // Searchable by others: embedded Postgres runs as the postgres user below it (as loadDevState makes it).
+  mkdirSync(dataDir, { recursive: true, mode: 0o755 });
+  // Before anything else: a second dev on the same directory must not touch the first one's servers or state.
+  const releaseLock = acquireDevLock(dataDir);
+  const stops: Array<() => Promise<void>> = [async () => releaseLock()];
   const stopAll = async (): Promise<void> => {
     for (const s of stops.reverse()) await s().catch((e: unknown) => log.error('stop failed', { error: e }));
     stops.length = 0;
   };
 
   try {
+    const state = await loadDevState(dataDir);
     const pgLog = createLogger({ role: 'postgres' }, { level: 'warn' });
     const startServer = async (name: 'central' | 'tenant', password: string, port: number | undefined): Promise<EmbeddedServer> => {
       const server = await startEmbeddedPostgres({
@@ -40,6 +49,10 @@ export async function startDev(env: Env, opts: { banner?: boolean } = {}): Promi
         password,
         settings: { max_connections: '300' },
         log: (line) => pgLog.debug(line.trim(), { server: name }),
+      }).catch((e: unknown) => {
+        const m = /is in use by a running postgres \(pid (\d+)\)/.exec((e as Error).message);
+        if (m) throw new DevAlreadyRunning(`${join(dataDir, name)} is in use by a running postgres (pid ${m[1]}): stop whatever runs on STAGEDOOR_DATA_DIR=${dataDir} first, or use another directory`);
+        throw e;
       });
       stops.push(() => server.stop());
       return server;
@@ -84,6 +97,62 @@ export async function startDev(env: Env, opts: { banner?: boolean } = {}): Promi
   }
 }
 
+/**
+ * Takes <dataDir>/dev.lock for this process, or throws DevAlreadyRunning when
+ * a live `stagedoor dev` holds it. A lock left by a process that is gone (or
+ * whose pid now belongs to another program) is taken over. Returns release().
+ */
+function acquireDevLock(dataDir: string): () => void {
+  const file = join(dataDir, 'dev.lock');
+  const mine = JSON.stringify({ pid: process.pid, cmdline: cmdlineOf('self') ?? process.argv.join(' ') });
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      writeFileSync(file, mine + '\n', { flag: 'wx', mode: 0o600 });
+      return () => {
+        try {
+          if (readFileSync(file, 'utf8').trim() === mine) rmSync(file, { force: true });
+        } catch {
+          // already gone
+        }
+      };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+    let holder: { pid?: unknown; cmdline?: unknown } = {};
+    try {
+      holder = JSON.parse(readFileSync(file, 'utf8')) as typeof holder;
+    } catch {
+      // unreadable or half-written: treated as stale below unless its writer is alive
+    }
+    if (typeof holder.pid === 'number' && holderAlive(holder.pid, holder.cmdline)) {
+      throw new DevAlreadyRunning(
+        `another "stagedoor dev" (pid ${holder.pid}) is already running on ${dataDir}: stop it first (Ctrl-C), or give this one its own STAGEDOOR_DATA_DIR`,
+      );
+    }
+    rmSync(file, { force: true }); // stale: its process is gone
+  }
+  throw new DevAlreadyRunning(`could not take ${file}: another "stagedoor dev" is starting on ${dataDir}`);
+}
+
+function holderAlive(pid: number, cmdline: unknown): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EPERM') return false;
+  }
+  // a recycled pid runs another program: where /proc tells, the command line must match
+  const now = cmdlineOf(String(pid));
+  return now === undefined || typeof cmdline !== 'string' || now === cmdline;
+}
+
+function cmdlineOf(pid: string): string | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter(Boolean).join(' ');
+  } catch {
+    return undefined;
+  }
+}
+
 async function ensureDatabase(adminUrl: string, name: string): Promise<void> {
   const c = new pg.Client({ connectionString: adminUrl });
   await c.connect();
@@ -117,4 +186,28 @@ function printBanner(proxy: string, api: string, adminToken: string, dataDir: st
     '',
   ];
   process.stderr.write(lines.join('\n') + '\n');
+}
+
+/**
+ * As root, the embedded servers run as the `postgres` user (Postgres refuses
+ * root), so every parent of the data dir must be searchable by others — a
+ * checkout under /root is not. Say so before anything starts.
+ */
+function refuseUnreachableDataDir(dataDir: string): void {
+  if (process.getuid?.() !== 0) return;
+  for (let dir = dirname(dataDir); ; dir = dirname(dir)) {
+    let mode: number;
+    try {
+      mode = statSync(dir).mode;
+    } catch {
+      mode = 0o755; // not created yet: mkdir makes it searchable
+    }
+    if ((mode & 0o001) === 0) {
+      throw new ConfigError(
+        `running as root, the embedded PostgreSQL runs as the "postgres" user, which cannot enter ${dir} (mode ${(mode & 0o777).toString(8)}). ` +
+          'Run stagedoor as an ordinary user, or set STAGEDOOR_DATA_DIR to a directory under a searchable path (e.g. /var/lib/stagedoor), or chmod o+x the directory.',
+      );
+    }
+    if (dir === dirname(dir)) return;
+  }
 }

@@ -6,7 +6,7 @@ import { ConfigError, loadControlPlaneConfig, loadProxyConfig } from '../common/
 import { createLogger } from '../common/log.js';
 import { CentralSchemaLeak, ControlPlane } from '../control-plane/server.js';
 import { ProxyServer } from '../proxy/server.js';
-import { startDev } from './dev.js';
+import { DevAlreadyRunning, startDev } from './dev.js';
 import { runClientCommand, CLIENT_COMMANDS_HELP } from './client-commands.js';
 import { runMigrate } from './migrate.js';
 
@@ -76,7 +76,7 @@ async function runUntilSignal(start: () => Promise<() => Promise<void>>): Promis
 main(process.argv.slice(2)).then(
   (code) => process.exit(code),
   (e: unknown) => {
-    if (e instanceof ConfigError || e instanceof CentralSchemaLeak) {
+    if (e instanceof ConfigError || e instanceof CentralSchemaLeak || e instanceof DevAlreadyRunning) {
       process.stderr.write(`stagedoor: ${e.message}\n`);
       process.exit(2);
     }

@@ -86,8 +86,17 @@ export class TenantServer {
           WHERE NOT d.datistemplate
             AND pg_catalog.has_database_privilege('public', d.oid, 'CONNECT')`,
       );
-      for (const r of res.rows) await c.query(`REVOKE CONNECT ON DATABASE ${pg.escapeIdentifier(r.datname)} FROM PUBLIC`);
-      return res.rows.map((r) => r.datname);
+      const closed: string[] = [];
+      for (const r of res.rows) {
+        try {
+          await c.query(`REVOKE CONNECT ON DATABASE ${pg.escapeIdentifier(r.datname)} FROM PUBLIC`);
+          closed.push(r.datname);
+        } catch (e) {
+          // Dropped by someone else since the listing: nothing left to close.
+          if ((e as { code?: string }).code !== '3D000') throw e;
+        }
+      }
+      return closed;
     });
   }
 

@@ -34,7 +34,16 @@ export function registerInternalRoutes(app: FastifyInstance, d: InternalRouteDep
     },
   );
 
-  app.get('/v1/internal/events', { schema: { tags: ['internal'], description: 'Server-sent events: orchestra-changed, token-revoked, all-changed.' } }, (req, reply) => {
+  app.get(
+    '/v1/internal/events',
+    {
+      schema: {
+        tags: ['internal'],
+        description: 'For proxies: server-sent events (text/event-stream), one JSON BusEvent per `data:` line: orchestra-changed, token-revoked, all-changed.',
+        response: { 200: { type: 'string', description: 'text/event-stream' }, ...errors(401) },
+      },
+    },
+    (req, reply) => {
     reply.hijack();
     const res = reply.raw;
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store', connection: 'keep-alive' });
@@ -46,7 +55,8 @@ export function registerInternalRoutes(app: FastifyInstance, d: InternalRouteDep
       clearInterval(ping);
       unsubscribe();
     });
-  });
+    },
+  );
 
   app.post<{ Body: { events: Array<Record<string, unknown>> } }>(
     '/v1/internal/connection-events',

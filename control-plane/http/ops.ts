@@ -20,7 +20,7 @@ export function registerOpsRoutes(app: FastifyInstance, d: OpsRouteDeps): void {
       return reply.status(ok ? 200 : 503).send({ ready: ok });
     },
   );
-  app.get('/metrics', { schema: { tags: ['ops'], security: [], hide: false } }, async (_req, reply) => {
+  app.get('/metrics', { schema: { tags: ['ops'], security: [], description: 'Prometheus text exposition', response: { 200: { type: 'string' } } } }, async (_req, reply) => {
     reply.header('content-type', d.registry.contentType);
     return d.registry.metrics();
   });

@@ -1,13 +1,14 @@
 // /v1/orchestras…, /v1/tokens…: provisioning, life cycle and tokens.
 
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyReply } from 'fastify';
+import type { Logger } from '../../common/log.js';
 import type { AuditLog } from '../audit-log.js';
 import { toView, type CentralStore, type OrchestraRow } from '../central-store.js';
 import type { EventSink } from '../event-bus.js';
 import type { Lifecycle, PatchRequest } from '../lifecycle.js';
 import { ProvisioningError, type Provisioner, type StepReport } from '../provisioning.js';
 import type { TokenSigner } from '../signing-keys.js';
-import { ApiError, errors } from './errors.js';
+import { ApiError, errorSchema, errors } from './errors.js';
 import { orchestraSchema, refParams, stepSchema } from './schemas.js';
 
 export interface OrchestraRouteDeps {
@@ -19,6 +20,42 @@ export interface OrchestraRouteDeps {
   signer: TokenSigner;
   /** host:port written into connection strings */
   publicProxyAddress: string;
+  log: Logger;
+}
+
+const NDJSON = 'application/x-ndjson';
+
+/** One line of the NDJSON provisioning stream. */
+const provisioningLineSchema = {
+  oneOf: [
+    { type: 'object', required: ['step'], additionalProperties: false, properties: { step: stepSchema } },
+    {
+      type: 'object',
+      required: ['status', 'orchestra'],
+      additionalProperties: false,
+      properties: { status: { type: 'integer', const: 201 }, orchestra: { type: 'object', properties: { ...orchestraSchema.properties, steps: { type: 'array', items: stepSchema } } } },
+    },
+    { type: 'object', required: ['status', 'error'], additionalProperties: false, properties: { status: { type: 'integer' }, error: errorSchema.properties.error } },
+  ],
+} as const;
+
+/** True when the Accept header asks for application/x-ndjson (with a q above 0). */
+export function wantsNdjson(accept: string | undefined): boolean {
+  if (!accept) return false;
+  return accept.split(',').some((part) => {
+    const [type, ...params] = part.split(';').map((x) => x.trim().toLowerCase());
+    if (type !== NDJSON) return false;
+    const q = params.find((p) => p.startsWith('q='));
+    return q === undefined || Number(q.slice(2)) > 0;
+  });
+}
+
+/** A provisioning failure as the API answers it (other errors pass through unchanged). */
+function provisioningApiError(e: unknown): unknown {
+  if (e instanceof ProvisioningError) {
+    return new ApiError(e.status, `provisioning_failed_at_${e.step}`, `step "${e.step}" failed: ${e.message}; everything done before it was rolled back`);
+  }
+  return e;
 }
 
 const DEFAULT_TTL_SECONDS = 30 * 86_400;
@@ -69,7 +106,9 @@ export function registerOrchestraRoutes(app: FastifyInstance, d: OrchestraRouteD
       schema: {
         tags: ['orchestras'],
         description:
-          'Provision an orchestra: a database and login role of its own on the tenant server (or attach `databaseUrl`), schemas/orchestra applied, health check, then active. Any failure rolls everything back; the answer names the failed step.',
+          'Provision an orchestra: a database and login role of its own on the tenant server (or attach `databaseUrl`), schemas/orchestra applied, health check, then active. Any failure rolls everything back; the answer names the failed step.\n\n' +
+          'With `Accept: application/x-ndjson` the answer is `200` and a stream of JSON lines written as provisioning goes: one `{"step": {step, ok, ms, detail?}}` per step as it completes, then one final line, ' +
+          '`{"status": 201, "orchestra": <the JSON answer>}` or `{"status": <4xx|5xx>, "error": {code, message}}` (the status the JSON answer would have had). A request the schema refuses is still answered 400 in JSON.',
         body: {
           type: 'object',
           required: ['subdomain', 'name'],
@@ -77,24 +116,56 @@ export function registerOrchestraRoutes(app: FastifyInstance, d: OrchestraRouteD
           properties: { subdomain: { type: 'string', maxLength: 63 }, name: { type: 'string', minLength: 1, maxLength: 200 }, databaseUrl: { type: 'string', maxLength: 2000 } },
         },
         response: {
+          200: {
+            description: 'With `Accept: application/x-ndjson`: the provisioning steps as they complete, then the outcome (one JSON object per line).',
+            content: { [NDJSON]: { schema: provisioningLineSchema } },
+          },
           201: { type: 'object', properties: { ...orchestraSchema.properties, steps: { type: 'array', items: stepSchema } } },
           ...errors(400, 401, 409, 422, 503),
         },
       },
     },
     async (req, reply) => {
+      if (wantsNdjson(req.headers.accept)) return streamProvisioning(req.body, reply);
       const steps: StepReport[] = [];
       try {
         const row = await d.provisioner.provision(req.body, (s) => steps.push(s));
         return reply.status(201).send({ ...toView(row), steps });
       } catch (e) {
-        if (e instanceof ProvisioningError) {
-          throw new ApiError(e.status, `provisioning_failed_at_${e.step}`, `step "${e.step}" failed: ${e.message}; everything done before it was rolled back`);
-        }
-        throw e;
+        throw provisioningApiError(e);
       }
     },
   );
+
+  /** The NDJSON variant of POST /v1/orchestras: each step is written the moment it completes. */
+  const streamProvisioning = async (body: { subdomain: string; name: string; databaseUrl?: string }, reply: FastifyReply): Promise<void> => {
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, { 'content-type': `${NDJSON}; charset=utf-8`, 'cache-control': 'no-store', 'x-content-type-options': 'nosniff' });
+    const line = (o: unknown): void => {
+      if (!res.destroyed) res.write(JSON.stringify(o) + '\n');
+    };
+    const steps: StepReport[] = [];
+    try {
+      const row = await d.provisioner.provision(body, (s) => {
+        steps.push(s);
+        line({ step: s });
+      });
+      line({ status: 201, orchestra: { ...toView(row), steps } });
+    } catch (e) {
+      const err = provisioningApiError(e);
+      if (err instanceof ApiError) line({ status: err.status, error: { code: err.code, message: err.message } });
+      else {
+        d.log.error('request failed', { method: 'POST', url: '/v1/orchestras', error: err });
+        const unavailable = /ECONNREFUSED|terminat|timeout|connect/i.test((err as Error).message ?? '');
+        line({
+          status: unavailable ? 503 : 500,
+          error: { code: unavailable ? 'unavailable' : 'internal', message: unavailable ? 'a database the control plane needs is unavailable' : 'internal error' },
+        });
+      }
+    }
+    res.end();
+  };
 
   app.get(
     '/v1/orchestras',
