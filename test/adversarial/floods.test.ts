@@ -9,7 +9,8 @@ import net from 'node:net';
 import { randomInt } from 'node:crypto';
 import pg from 'pg';
 import { connect, refusalOf, startStack, type OrchestraHandle, type Stack } from '../fixtures/stack.js';
-import { keyOf, sendCancel } from '../fixtures/wire.js';
+import { keyOf } from '../fixtures/wire.js';
+import { sendCancel } from '../scenarios/wire.js';
 
 const CAP = 5;
 const STORM = 100;
@@ -244,7 +245,7 @@ describe('cancel floods', () => {
       const running = victim.query('select pg_sleep(1.5) as slept');
       const started = Date.now();
       for (let i = 0; i < 300; i += 50) {
-        await Promise.all(Array.from({ length: 50 }, () => sendCancel(stack.proxyPort, randomInt(2 ** 31), randomInt(2 ** 31))));
+        await Promise.all(Array.from({ length: 50 }, () => sendCancel('127.0.0.1', stack.proxyPort, randomInt(2 ** 31), randomInt(2 ** 31))));
       }
       const floodMs = Date.now() - started;
       assert.ok(await waitFor(async () => (await metricValue('stagedoor_cancel_requests_total', {})) - allBefore >= 300, 5_000), 'every CancelRequest is counted');
@@ -262,7 +263,7 @@ describe('cancel floods', () => {
       const sleeping = victim.query('select pg_sleep(30)');
       await new Promise((r) => setTimeout(r, 200));
       const t0 = Date.now();
-      await sendCancel(stack.proxyPort, keyOf(victim).processId, keyOf(victim).secretKey);
+      await sendCancel('127.0.0.1', stack.proxyPort, keyOf(victim).processId, keyOf(victim).secretKey);
       await assert.rejects(sleeping, (e: { code?: string }) => e.code === '57014');
       assert.ok(Date.now() - t0 < 2_000, `cancel took ${Date.now() - t0} ms`);
     } finally {
