@@ -21,7 +21,7 @@ import { createLogger } from '../../common/log.js';
 import { ControlPlane } from '../../control-plane/server.js';
 import { ProxyServer } from '../../proxy/server.js';
 import { freePort, startEmbeddedPostgres, type EmbeddedServer } from '../../cli/embedded-postgres.js';
-import { connect, makeCertificate, refusalOf } from '../fixtures/stack.js';
+import { apiCaller, connect, makeCertificate, refusalOf, stackEnv } from '../fixtures/stack.js';
 import { startTestPostgres, type TestPostgres } from '../fixtures/postgres.js';
 import { startRedis, type TestRedis } from '../fixtures/redis.js';
 import { CLI } from '../fixtures/cli.js';
@@ -69,14 +69,8 @@ async function startProxy(extra: Env = {}): Promise<{ proxy: ProxyServer; port: 
   return { proxy: p, port: address.port };
 }
 
-async function api<T = Record<string, unknown>>(method: string, path: string, body?: unknown): Promise<{ status: number; body: T }> {
-  const res = await fetch(apiUrl + path, {
-    method,
-    headers: { authorization: `Bearer ${adminToken}`, ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
-    body: body !== undefined ? JSON.stringify(body) : undefined,
-  });
-  const text = await res.text();
-  return { status: res.status, body: (text ? JSON.parse(text) : {}) as T };
+function api<T = Record<string, unknown>>(method: string, path: string, body?: unknown): Promise<{ status: number; body: T }> {
+  return apiCaller(apiUrl, adminToken)<T>(method, path, body);
 }
 
 async function issueToken(subdomain: string): Promise<{ token: string; jti: string }> {
@@ -123,18 +117,7 @@ before(async () => {
   certDir = mkdtempSync(join(tmpdir(), 'stagedoor-adv-cert-'));
   const { cert, key } = makeCertificate(certDir);
   adminToken = `test_admin_${randomBytes(16).toString('hex')}`;
-  env = {
-    ADMIN_TOKEN: adminToken,
-    ENCRYPTION_KEY: randomBytes(32).toString('base64'),
-    CENTRAL_DATABASE_URL: central.url('postgres'),
-    TENANT_SERVER_URL: tenant.url('postgres'),
-    STAGEDOOR_MANAGES_TENANT_SERVER: 'true',
-    CONTROL_PLANE_LISTEN: '127.0.0.1:0',
-    PROXY_LISTEN: '127.0.0.1:0',
-    METRICS_LISTEN: '127.0.0.1:0',
-    TLS_CERT_FILE: cert,
-    TLS_KEY_FILE: key,
-  };
+  env = stackEnv({ centralUrl: central.url('postgres'), tenantUrl: tenant.url('postgres'), cert, key, adminToken });
   controlPlane = await ControlPlane.start(loadControlPlaneConfig(env), log.child({ role: 'control-plane' }));
   apiUrl = controlPlane.url;
   ({ proxy, port: proxyPort } = await startProxy());
