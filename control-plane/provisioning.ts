@@ -20,6 +20,9 @@ export const RESERVED_SUBDOMAINS = new Set(['validate', 'import']);
 export type StepName = 'validate' | 'record' | 'database' | 'lockdown' | 'identity' | 'schema' | 'marker' | 'health' | 'activate';
 
 export class ProvisioningError extends Error {
+  /** What the rollback could not undo (kept for the clean-up at the next start); empty when it finished. */
+  leftovers: string[] = [];
+
   constructor(
     readonly step: StepName,
     readonly status: 400 | 409 | 422 | 503,
@@ -121,6 +124,7 @@ export class Provisioner {
     } catch (e) {
       const leftovers = await this.rollback(undo);
       const err = e instanceof ProvisioningError ? e : new ProvisioningError('validate', 422, (e as Error).message);
+      err.leftovers = leftovers;
       this.d.audit.record({
         kind: 'provisioning.failed',
         orchestraId: id,

@@ -53,7 +53,10 @@ export function wantsNdjson(accept: string | undefined): boolean {
 /** A provisioning failure as the API answers it (other errors pass through unchanged). */
 function provisioningApiError(e: unknown): unknown {
   if (e instanceof ProvisioningError) {
-    return new ApiError(e.status, `provisioning_failed_at_${e.step}`, `step "${e.step}" failed: ${e.message}; everything done before it was rolled back`);
+    const undone = e.leftovers.length === 0
+      ? 'everything done before it was rolled back'
+      : `the rollback could not finish (${e.leftovers.join('; ')}); the rest is removed at the next start of the control plane`;
+    return new ApiError(e.status, `provisioning_failed_at_${e.step}`, `step "${e.step}" failed: ${e.message}; ${undone}`);
   }
   return e;
 }
