@@ -25,6 +25,7 @@ import { apiCaller, connect, makeCertificate, refusalOf, stackEnv } from '../fix
 import { startTestPostgres, type TestPostgres } from '../fixtures/postgres.js';
 import { startRedis, type TestRedis } from '../fixtures/redis.js';
 import { CLI } from '../fixtures/cli.js';
+import { waitUntil } from '../fixtures/wait.js';
 
 const log = createLogger({ role: 'test' }, { level: process.env.STAGEDOOR_TEST_LOG ? 'debug' : 'error', write: process.env.STAGEDOOR_TEST_LOG ? undefined : () => {} });
 // the fixture's admin password: the embedded initdb template is shared with the other tests
@@ -101,14 +102,6 @@ async function upstreamBackends(database: string): Promise<Array<{ pid: number; 
   }
 }
 
-async function waitFor(cond: () => Promise<boolean> | boolean, timeoutMs: number, stepMs = 50): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    if (await cond()) return true;
-    if (Date.now() > deadline) return false;
-    await new Promise((r) => setTimeout(r, stepMs));
-  }
-}
 
 before(async () => {
   centralDir = mkdtempSync(join(tmpdir(), 'stagedoor-adv-central-'));
@@ -145,7 +138,7 @@ describe('faults around the proxy', () => {
       (e: Error & { code?: string }) => e.code ?? e.message,
     );
     let pid: number | undefined;
-    assert.ok(await waitFor(async () => (pid = (await upstreamBackends(database)).find((b) => b.query.includes('pg_sleep'))?.pid) !== undefined, 5_000), 'the query runs upstream');
+    assert.ok(await waitUntil(async () => (pid = (await upstreamBackends(database)).find((b) => b.query.includes('pg_sleep'))?.pid) !== undefined, 5_000), 'the query runs upstream');
     const admin = new pg.Client({ connectionString: tenant.url('postgres') });
     await admin.connect();
     const killedAt = Date.now();
@@ -160,12 +153,12 @@ describe('faults around the proxy', () => {
     assert.equal(outcome, '57P01', "the upstream's own FATAL reaches the client");
     // the session's slot is released: with maxConnections 1 a new session gets in
     let code: string | null = 'not tried';
-    assert.ok(await waitFor(async () => (code = await refusalOf(clientConfig(o))) === null, 3_000), `a new session is refused with ${code}`);
+    assert.ok(await waitUntil(async () => (code = await refusalOf(clientConfig(o))) === null, 3_000), `a new session is refused with ${code}`);
     const again = await connect(clientConfig(o));
     assert.equal((await again.query('select 1 as ok')).rows[0].ok, 1);
     await again.end();
     await c.end().catch(() => {});
-    assert.ok(await waitFor(() => proxy.live.size === 0, 3_000), 'no session left on the proxy');
+    assert.ok(await waitUntil(() => proxy.live.size === 0, 3_000), 'no session left on the proxy');
   });
 
   test('the control-plane process dies (SIGKILL) after the JWKS was loaded: a token never seen before still verifies from the cached keys, its cached orchestra connects within ROUTE_MAX_STALE, an orchestra never looked up gets 57P03, then everything 57P03 beyond ROUTE_MAX_STALE', { timeout: 60_000 }, async (t) => {
@@ -182,7 +175,7 @@ describe('faults around the proxy', () => {
     child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
     const exited = new Promise<void>((r) => child.once('exit', () => r()));
     const cpUrl = `http://127.0.0.1:${cpPort}`;
-    assert.ok(await waitFor(async () => (await fetch(`${cpUrl}/readyz`).then((r) => r.status, () => 0)) === 200, 20_000, 100), `second control plane did not start: ${stderr}`);
+    assert.ok(await waitUntil(async () => (await fetch(`${cpUrl}/readyz`).then((r) => r.status, () => 0)) === 200, 20_000, 100), `second control plane did not start: ${stderr}`);
 
     const { proxy: p, port } = await startProxy({ CONTROL_PLANE_URL: cpUrl, ROUTE_CACHE_TTL: '0.2', ROUTE_MAX_STALE: '3' });
     // Tokens this proxy has never seen (issued by the first control plane: same key).
@@ -218,14 +211,14 @@ describe('faults around the proxy', () => {
   test('Redis killed under a proxy with REDIS_URL: new sessions still connect, and the cap falls back to this instance’s own count', { timeout: 60_000 }, async (t) => {
     redis = await startRedis();
     const { proxy: p, port } = await startProxy({ REDIS_URL: redis.url });
-    assert.ok(await waitFor(() => p.bus?.connected === true, 5_000), 'the proxy is on the Redis bus');
+    assert.ok(await waitUntil(() => p.bus?.connected === true, 5_000), 'the proxy is on the Redis bus');
     const o = await createOrchestra('redis-capped', 2);
     const held: pg.Client[] = [];
     try {
       held.push(await connect(clientConfig(o, port)));
       assert.equal(await refusalOf(clientConfig(o, port)), null, 'a second session fits under the cap (and leaves)');
       await redis.stop();
-      assert.ok(await waitFor(() => p.bus?.connected === false, 5_000), 'the proxy noticed Redis is gone');
+      assert.ok(await waitUntil(() => p.bus?.connected === false, 5_000), 'the proxy noticed Redis is gone');
       const started = Date.now();
       held.push(await connect(clientConfig(o, port)));
       const latency = Date.now() - started;
@@ -260,13 +253,13 @@ describe('faults around the proxy', () => {
     assert.deepEqual(acceptedAs, Array(10).fill(null), 'cached route and keys serve while the central database is down');
     assert.deepEqual(refusedAs, Array(10).fill('28P01'));
     // the events are in the control plane's buffer; its writes fail meanwhile
-    assert.ok(await waitFor(() => controlPlane.audit.pending >= 20, 5_000), `control plane buffers the events (pending ${controlPlane.audit.pending})`);
+    assert.ok(await waitUntil(() => controlPlane.audit.pending >= 20, 5_000), `control plane buffers the events (pending ${controlPlane.audit.pending})`);
     await new Promise((r) => setTimeout(r, 1_000)); // a few failed flushes
     central = await startCentral();
     const restartedAt = Date.now();
 
     let entries: Array<{ kind: string; jti: string | null; subdomain: string | null; sqlstate: string | null; reason: string | null }> = [];
-    const complete = await waitFor(
+    const complete = await waitUntil(
       async () => {
         const r = await api<{ entries: typeof entries }>('GET', `/v1/audit-log?kind=connection&since=${encodeURIComponent(before)}&limit=1000`);
         if (r.status !== 200) return false;
@@ -314,7 +307,7 @@ describe('faults around the proxy', () => {
     }
     t.diagnostic(`08006 after ${timings.join(', ')} ms (AUTH_TIMEOUT 10 s)`);
     for (const ms of timings) assert.ok(ms < 2_000, `refusal took ${ms} ms`);
-    assert.ok(await waitFor(() => proxy.live.size === 0, 3_000), 'the dead session left the proxy');
+    assert.ok(await waitUntil(() => proxy.live.size === 0, 3_000), 'the dead session left the proxy');
     assert.equal(proxy.ready, true, 'the proxy is still ready');
   });
 });

@@ -11,6 +11,7 @@ import pg from 'pg';
 import { connect, refusalOf, startStack, type OrchestraHandle, type Stack } from '../fixtures/stack.js';
 import { keyOf } from '../fixtures/wire.js';
 import { sendCancel } from '../scenarios/wire.js';
+import { waitUntil } from '../fixtures/wait.js';
 
 const CAP = 5;
 const STORM = 100;
@@ -73,14 +74,6 @@ async function metricValue(name: string, labels: Record<string, string>): Promis
   return total;
 }
 
-async function waitFor(cond: () => Promise<boolean> | boolean, timeoutMs: number): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    if (await cond()) return true;
-    if (Date.now() > deadline) return false;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 /** 100 concurrent connects; the successful clients are returned still connected. */
 async function storm(o: OrchestraHandle & { application_name?: string }, n: number): Promise<{ held: pg.Client[]; refusals: Map<string, number> }> {
@@ -191,7 +184,7 @@ describe('connection storms hit the cap, not the upstream', () => {
         await Promise.all(held.map((c) => c.end().catch(() => {})));
       }
       // slots are released with the sessions, so the next round gets exactly the cap again
-      assert.ok(await waitFor(() => stack.proxy.live.size === 0, 5_000), 'sessions released');
+      assert.ok(await waitUntil(() => stack.proxy.live.size === 0, 5_000), 'sessions released');
     }
     assert.equal((await metricValue('stagedoor_refusals_total', { sqlstate: '53300' })) - refusedBefore, 3 * (STORM - CAP), 'the refusals are counted');
     // Kept idle upstream connections count against maxConnections: a session that needs a new
@@ -213,10 +206,10 @@ describe('connection storms hit the cap, not the upstream', () => {
       }, 'shutting_down');
       return n;
     };
-    assert.ok(await waitFor(() => liveOf() === 0, 3_000));
+    assert.ok(await waitUntil(() => liveOf() === 0, 3_000));
     // 20 hit-and-run clients, half with a reset, half with an orderly close
     await Promise.all(Array.from({ length: 20 }, (_, i) => hitAndRun(stack.proxyPort, o, i % 2 ? 'reset' : 'fin')));
-    const drained = await waitFor(() => liveOf() === 0, 5_000);
+    const drained = await waitUntil(() => liveOf() === 0, 5_000);
     await new Promise((r) => setTimeout(r, 300)); // let the proxy reset and park what it keeps
     const left = await upstreamBackends(database);
     t.diagnostic(`after 20 hit-and-run clients: ${liveOf()} live sessions on the proxy, ${left} upstream backends for ${database} (${stack.proxy.upstreamPool.idleCount} idle kept by the proxy)`);
@@ -248,7 +241,7 @@ describe('cancel floods', () => {
         await Promise.all(Array.from({ length: 50 }, () => sendCancel('127.0.0.1', stack.proxyPort, randomInt(2 ** 31), randomInt(2 ** 31))));
       }
       const floodMs = Date.now() - started;
-      assert.ok(await waitFor(async () => (await metricValue('stagedoor_cancel_requests_total', {})) - allBefore >= 300, 5_000), 'every CancelRequest is counted');
+      assert.ok(await waitUntil(async () => (await metricValue('stagedoor_cancel_requests_total', {})) - allBefore >= 300, 5_000), 'every CancelRequest is counted');
       const limited = (await metricValue('stagedoor_cancel_requests_total', { result: 'rate_limited' })) - limitedBefore;
       const forwarded = (await metricValue('stagedoor_cancel_requests_total', { result: 'forwarded' })) - forwardedBefore;
       t.diagnostic(`300 cancels in ${floodMs} ms: ${limited} rate-limited, ${forwarded} forwarded`);

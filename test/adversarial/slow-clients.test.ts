@@ -10,6 +10,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import type { ProxyServer } from '../../proxy/server.js';
 import { connect, startStack, type OrchestraHandle, type Stack } from '../fixtures/stack.js';
+import { waitUntil } from '../fixtures/wait.js';
 
 const AUTH_TIMEOUT_MS = 2_000;
 /** Two file descriptors per stalled connection live in this process (client end and proxy end), plus TLS and Postgres. */
@@ -74,14 +75,6 @@ interface Stalled {
   destroy(): void;
 }
 
-async function waitUntil(cond: () => boolean, timeoutMs: number): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) return false;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return true;
-}
 
 /** A real ClientHello, captured once from Node's TLS client against a socket that never answers. */
 let clientHello: Buffer;

@@ -22,6 +22,7 @@ import { Refusal } from '../../proxy/refusals.js';
 import { parseStartupParameters, readStartup, type StartupOutcome } from '../../proxy/startup.js';
 import type { ProxyServer } from '../../proxy/server.js';
 import { connect, startStack, type OrchestraHandle, type Stack } from '../fixtures/stack.js';
+import { waitUntil } from '../fixtures/wait.js';
 
 const SEED = Number(process.env.STAGEDOOR_FUZZ_SEED ?? (Date.now() % 2 ** 31));
 const AUTH_TIMEOUT_MS = 2_000;
@@ -588,14 +589,6 @@ function heapAfterGc(): { heapUsed: number; rss: number } {
   gc();
   const m = process.memoryUsage();
   return { heapUsed: m.heapUsed, rss: m.rss };
-}
-async function waitUntil(cond: () => boolean, timeoutMs: number): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) return false;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return true;
 }
 const mb = (n: number): string => `${(n / 1024 / 1024).toFixed(1)} MB`;
 

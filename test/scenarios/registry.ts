@@ -9,6 +9,7 @@
 
 import { after, before, describe, test } from 'node:test';
 import type { Backend, Target } from './target.js';
+import { waitUntil } from '../fixtures/wait.js';
 
 export interface Scenario<T, C> {
   /** the test name: a sentence of the contract */
@@ -77,13 +78,9 @@ export function runSuites<T extends Target>(suites: Array<Suite<T, any>>, opts: 
   }
 }
 
-/** Polls until cond() holds (bounded), for effects that have no event to await. */
+/** Polls until cond() holds (bounded), for effects that have no event to await; throws when it never does. */
 export async function waitFor(cond: () => Promise<boolean>, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  if (!(await waitUntil(cond, timeoutMs))) throw new Error('condition not met in time');
 }
 
 export const delay = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

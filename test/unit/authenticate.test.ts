@@ -11,6 +11,7 @@ import { ControlPlaneUnavailable, type RouteLookup } from '../../proxy/control-p
 import { Refusal } from '../../proxy/refusals.js';
 import { RouteCache } from '../../proxy/route-cache.js';
 import { TokenVerifier } from '../../proxy/token-verifier.js';
+import { Inbox } from '../fixtures/inbox.js';
 
 const QUICK = { timeout: 5_000 };
 const SUBDOMAIN = 'acme-films';
@@ -70,40 +71,6 @@ function passwordMessage(password: string): Buffer {
 
 const AUTH_CLEARTEXT = Buffer.concat([Buffer.from('R', 'latin1'), int32(8), int32(3)]);
 
-/** Exact-length reads on the client end. */
-class Inbox {
-  private buf = Buffer.alloc(0);
-  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
-
-  constructor(socket: Socket) {
-    socket.on('data', (chunk: Buffer) => {
-      this.buf = Buffer.concat([this.buf, chunk]);
-      this.flush();
-    });
-    socket.on('close', () => {
-      const w = this.waiter;
-      this.waiter = null;
-      w?.reject(new Error('connection closed'));
-    });
-  }
-
-  read(n: number): Promise<Buffer> {
-    return new Promise((resolve, reject) => {
-      this.waiter = { n, resolve, reject };
-      this.flush();
-    });
-  }
-
-  private flush(): void {
-    const w = this.waiter;
-    if (w && this.buf.length >= w.n) {
-      this.waiter = null;
-      const out = this.buf.subarray(0, w.n);
-      this.buf = this.buf.subarray(w.n);
-      w.resolve(out);
-    }
-  }
-}
 
 // ---------------------------------------------------------------- loopback harness
 

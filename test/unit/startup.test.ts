@@ -8,6 +8,7 @@ import { connect as tlsConnect, createSecureContext, type SecureContext, type TL
 import { after, before, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { ClientGone, ClientReader } from '../../proxy/client-reader.js';
+import { Inbox } from '../fixtures/inbox.js';
 import { Refusal } from '../../proxy/refusals.js';
 import { parseStartupParameters, readStartup, type StartupOutcome } from '../../proxy/startup.js';
 import { CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE } from '../../proxy/wire.js';
@@ -53,72 +54,6 @@ const BASIC: ReadonlyArray<readonly [string, string]> = [
   ['user', 'acme-films'],
   ['database', 'acme-films'],
 ];
-
-// ---------------------------------------------------------------- client side reading
-
-/** Exact-length reads on the client end of the pair. */
-class Inbox {
-  private buf = Buffer.alloc(0);
-  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
-  private closed = false;
-  private readonly closeWaiters: Array<(b: Buffer) => void> = [];
-  private readonly onData = (chunk: Buffer): void => {
-    this.buf = Buffer.concat([this.buf, chunk]);
-    this.flush();
-  };
-  private readonly onClose = (): void => {
-    this.closed = true;
-    const w = this.waiter;
-    this.waiter = null;
-    w?.reject(new Error(`connection closed with ${this.buf.length} bytes buffered`));
-    for (const resolve of this.closeWaiters.splice(0)) resolve(this.buf);
-  };
-
-  constructor(private readonly socket: Socket) {
-    socket.on('data', this.onData);
-    socket.on('end', this.onClose);
-    socket.on('close', this.onClose);
-  }
-
-  read(n: number): Promise<Buffer> {
-    return new Promise((resolve, reject) => {
-      this.waiter = { n, resolve, reject };
-      if (this.closed) this.onClose();
-      else this.flush();
-    });
-  }
-
-  /** Everything received (and not yet read) once the peer has closed. */
-  untilClosed(): Promise<Buffer> {
-    return new Promise((resolve) => {
-      if (this.closed) resolve(this.buf);
-      else this.closeWaiters.push(resolve);
-    });
-  }
-
-  get pendingBytes(): number {
-    return this.buf.length;
-  }
-
-  /** Stop listening (before handing the socket to TLS). */
-  detach(): void {
-    assert.equal(this.buf.length, 0, 'nothing may be left unread before the TLS handshake');
-    this.socket.off('data', this.onData);
-    this.socket.off('end', this.onClose);
-    this.socket.off('close', this.onClose);
-    this.socket.pause();
-  }
-
-  private flush(): void {
-    const w = this.waiter;
-    if (w && this.buf.length >= w.n) {
-      this.waiter = null;
-      const out = this.buf.subarray(0, w.n);
-      this.buf = this.buf.subarray(w.n);
-      w.resolve(out);
-    }
-  }
-}
 
 // ---------------------------------------------------------------- loopback harness
 
