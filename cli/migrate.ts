@@ -6,10 +6,10 @@ import pg from 'pg';
 import { loadControlPlaneConfig, type Env } from '../common/config.js';
 import { createLogger } from '../common/log.js';
 import { CentralStore } from '../control-plane/central-store.js';
-import { applyMigrations, existingTables, migrationSet } from '../control-plane/migrations.js';
+import { applyMigrations, migrationSet } from '../control-plane/migrations.js';
 import { urlOf } from '../control-plane/provisioning.js';
 import { SecretBox } from '../control-plane/secrets.js';
-import { CentralSchemaLeak } from '../control-plane/server.js';
+import { refuseOrchestraTablesInCentral } from '../control-plane/server.js';
 
 export async function runMigrate(args: string[], env: Env): Promise<number> {
   const json = args.includes('--json');
@@ -19,9 +19,7 @@ export async function runMigrate(args: string[], env: Env): Promise<number> {
   if (!args.includes('--orchestras')) {
     const pool = new pg.Pool({ connectionString: config.centralDatabaseUrl, max: 1 });
     try {
-      const client = await pool.connect();
-      const leaked = await existingTables(client, orchestraSet.tables).finally(() => client.release());
-      if (leaked.length) throw new CentralSchemaLeak(`the central database holds orchestra tables (${leaked.join(', ')}); refusing to migrate it`);
+      await refuseOrchestraTablesInCentral(pool, orchestraSet.tables);
       const ran = await applyMigrations(config.centralDatabaseUrl, migrationSet('central'), log);
       print(json, { applied: ran }, ran.length ? `applied: ${ran.join(', ')}` : 'central database is up to date');
       return 0;

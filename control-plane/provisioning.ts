@@ -109,14 +109,14 @@ export class Provisioner {
       await run('lockdown', async () => {
         if (this.d.managesTenantServer && this.d.tenant && source === 'provisioned') await this.d.tenant.revokePublicConnectEverywhere();
       });
-      const fingerprint = await run('identity', () => this.checkIdentity(id, upstream));
+      const { canonicalAddress, fingerprint } = await run('identity', () => this.checkIdentity(id, upstream));
       await this.d.store.setUpstream(id, upstream, { fingerprint, ownsDatabase: source === 'provisioned' });
       await run('schema', () => applyMigrations(urlOf(upstream), this.d.orchestraSet, this.d.log));
       await run('marker', () => writeMarker(upstream, id, req.subdomain));
       // An attached or pool database outlives a failed provisioning: a marker left
       // naming this (rolled-back) orchestra would refuse it to every later one.
       if (source !== 'provisioned') undo.push({ label: 'marker', run: () => removeMarker(upstream, id) });
-      await run('health', () => this.healthCheck(id, upstream, fingerprint));
+      await run('health', () => this.healthCheck(id, upstream, { canonicalAddress, fingerprint }));
       const row = await run('activate', () => this.d.store.update(id, { status: 'active' }));
       this.d.audit.record({ kind: 'provisioning.completed', orchestraId: id, subdomain: req.subdomain, detail: { steps } });
       this.d.bus.publish({ type: 'orchestra-changed', orchestraId: id, subdomain: req.subdomain });
@@ -221,7 +221,7 @@ export class Provisioner {
     return { upstream: { host: tenant.admin.host, port: tenant.admin.port, database, user: role, password, sslmode: tenant.admin.sslmode }, source: 'provisioned' };
   }
 
-  private async checkIdentity(id: string, upstream: ParsedDatabaseUrl): Promise<string> {
+  private async checkIdentity(id: string, upstream: ParsedDatabaseUrl): Promise<{ canonicalAddress: string; fingerprint: string }> {
     const canonicalAddress = await this.d.store.canonicalAddress(upstream);
     let fingerprint: string;
     try {
@@ -234,10 +234,11 @@ export class Provisioner {
       const by = [...new Set(conflicts.map((c) => c.by))].join(' and ');
       throw new ProvisioningError('identity', 409, `this database is already assigned to another orchestra (same ${by})`);
     }
-    return fingerprint;
+    return { canonicalAddress, fingerprint };
   }
 
-  private async healthCheck(id: string, upstream: ParsedDatabaseUrl, fingerprint: string): Promise<void> {
+  private async healthCheck(id: string, upstream: ParsedDatabaseUrl, identity: { canonicalAddress: string; fingerprint: string }): Promise<void> {
+    const { fingerprint } = identity;
     await withClient(upstream, async (c) => {
       const expected = this.d.orchestraSet.tables;
       const present = await existingTables(c, expected);
@@ -250,7 +251,8 @@ export class Provisioner {
       const cross = await crossAccess(c, this.d.store, id, fingerprint);
       if (cross.length) throw new ProvisioningError('health', 409, `cross access: ${cross.join('; ')}`);
     });
-    const conflicts = await this.d.store.conflicts({ canonicalAddress: await this.d.store.canonicalAddress(upstream), fingerprint }, id);
+    // Again at the end: another orchestra may have claimed this database meanwhile.
+    const conflicts = await this.d.store.conflicts(identity, id);
     if (conflicts.length) throw new ProvisioningError('health', 409, 'this database is already assigned to another orchestra');
   }
 

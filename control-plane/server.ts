@@ -122,7 +122,8 @@ export class ControlPlane {
   }
 }
 
-async function refuseOrchestraTablesInCentral(pool: pg.Pool, orchestraTables: string[]): Promise<void> {
+/** The incident's guard: a central database holding orchestra tables is never started on, nor migrated. */
+export async function refuseOrchestraTablesInCentral(pool: pg.Pool, orchestraTables: string[]): Promise<void> {
   const client = await pool.connect();
   try {
     const leaked = await existingTables(client, orchestraTables);
