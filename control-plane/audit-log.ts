@@ -5,6 +5,7 @@
 // (SIGTERM), so nothing queued is lost on an orderly stop.
 
 import type pg from 'pg';
+import { BatchQueue } from '../common/batch-queue.js';
 import type { Logger } from '../common/log.js';
 
 export interface AuditRecord {
@@ -35,69 +36,47 @@ export interface AuditEntry extends Required<Omit<AuditRecord, 'at'>> {
 }
 
 export class AuditLog {
-  private queue: AuditRecord[] = [];
-  private flushing: Promise<void> | null = null;
-  private readonly timer: NodeJS.Timeout;
-  dropped = 0;
+  private readonly queue: BatchQueue<AuditRecord>;
 
   constructor(
     private readonly pool: pg.Pool,
-    private readonly log: Logger,
-    private readonly maxQueued = 100_000,
+    log: Logger,
+    maxQueued = 100_000,
     intervalMs = 250,
-    private readonly onDropped: (n: number) => void = () => {},
+    onDropped: (n: number) => void = () => {},
   ) {
-    this.timer = setInterval(() => void this.flush(), intervalMs);
-    this.timer.unref();
+    this.queue = new BatchQueue({
+      send: (batch) => this.insert(batch),
+      onDropped: (n, when) => {
+        onDropped(n);
+        if (when === 'overflow') log.error('audit records dropped: central database unavailable and queue full', { dropped: n });
+        else log.error('audit records lost at shutdown: central database unavailable', { lost: n });
+      },
+      onSendFailed: (error, queued) => log.warn('audit log write failed; records kept for retry', { queued, error }),
+      maxQueued,
+      batchSize: 1_000,
+      intervalMs,
+    });
   }
 
   record(r: AuditRecord): void {
     this.queue.push({ ...r, at: r.at ?? new Date().toISOString() });
-    if (this.queue.length > this.maxQueued) {
-      const n = this.queue.length - this.maxQueued;
-      this.queue.splice(0, n);
-      this.dropped += n;
-      this.onDropped(n);
-      this.log.error('audit records dropped: central database unavailable and queue full', { dropped: n });
-    }
   }
 
   get pending(): number {
-    return this.queue.length;
+    return this.queue.pending;
+  }
+
+  get dropped(): number {
+    return this.queue.dropped;
   }
 
   flush(): Promise<void> {
-    if (this.flushing) return this.flushing;
-    if (this.queue.length === 0) return Promise.resolve();
-    this.flushing = (async () => {
-      while (this.queue.length > 0) {
-        const batch = this.queue.slice(0, 1_000);
-        try {
-          await this.insert(batch);
-          this.queue.splice(0, batch.length);
-        } catch (e) {
-          this.log.warn('audit log write failed; records kept for retry', { queued: this.queue.length, error: e });
-          return;
-        }
-      }
-    })().finally(() => {
-      this.flushing = null;
-    });
-    return this.flushing;
+    return this.queue.flush();
   }
 
-  async close(timeoutMs = 10_000): Promise<void> {
-    clearInterval(this.timer);
-    const deadline = Date.now() + timeoutMs;
-    while (this.queue.length > 0 && Date.now() < deadline) {
-      await this.flush();
-      if (this.queue.length > 0) await new Promise((r) => setTimeout(r, 200));
-    }
-    if (this.queue.length > 0) {
-      this.dropped += this.queue.length;
-      this.onDropped(this.queue.length);
-      this.log.error('audit records lost at shutdown: central database unavailable', { lost: this.queue.length });
-    }
+  close(timeoutMs = 10_000): Promise<void> {
+    return this.queue.close(timeoutMs);
   }
 
   async query(q: AuditQuery): Promise<AuditEntry[]> {
