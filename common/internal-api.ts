@@ -1,6 +1,9 @@
 // The contract between proxy and control plane: what a proxy may ask and what
 // it gets back. Both roles import these types; neither imports the other.
 
+/** An orchestra's subdomain (PRODUCT.md): the proxy's user name and database name. */
+export const SUBDOMAIN_PATTERN = /^[a-z][a-z0-9-]{1,62}$/;
+
 export type OrchestraStatus = 'provisioning' | 'pending' | 'active' | 'suspended' | 'deleted';
 
 export const TOKEN_AUDIENCE = 'stagedoor';

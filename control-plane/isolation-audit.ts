@@ -6,8 +6,8 @@
 import type pg from 'pg';
 import type { CentralStore, OrchestraRow } from './central-store.js';
 import { existingTables, type MigrationSet } from './migrations.js';
-import { crossAccess, withClient } from './provisioning.js';
-import { readFingerprint } from './upstream-identity.js';
+import { crossAccess } from './provisioning.js';
+import { readFingerprint, withClient } from './upstream-identity.js';
 
 export type ViolationKind =
   | 'shared_upstream'

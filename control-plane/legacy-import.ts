@@ -11,8 +11,9 @@ import type { OrchestraStatus } from '../common/internal-api.js';
 import type { AuditLog } from './audit-log.js';
 import type { CentralStore } from './central-store.js';
 import type { EventSink } from './event-bus.js';
-import { RESERVED_SUBDOMAINS, SUBDOMAIN_PATTERN, withClient } from './provisioning.js';
-import { parseDatabaseUrl, readFingerprint } from './upstream-identity.js';
+import { SUBDOMAIN_PATTERN } from '../common/internal-api.js';
+import { RESERVED_SUBDOMAINS } from './provisioning.js';
+import { parseDatabaseUrl, readFingerprint, withClient } from './upstream-identity.js';
 
 export interface ImportedRow {
   legacyId: string;

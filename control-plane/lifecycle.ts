@@ -8,9 +8,9 @@ import type { CentralStore, OrchestraRow } from './central-store.js';
 import type { EventSink } from './event-bus.js';
 import { ApiError } from './http/errors.js';
 import { applyMigrations, type MigrationSet } from './migrations.js';
-import { crossAccess, withClient, urlOf, writeMarker } from './provisioning.js';
+import { crossAccess, urlOf, writeMarker } from './provisioning.js';
 import { TenantServer } from './tenant-server.js';
-import { parseDatabaseUrl, readFingerprint } from './upstream-identity.js';
+import { parseDatabaseUrl, readFingerprint, withClient } from './upstream-identity.js';
 
 export interface PatchRequest {
   status?: 'active' | 'suspended';

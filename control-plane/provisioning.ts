@@ -12,9 +12,9 @@ import type { EventSink } from './event-bus.js';
 import { applyMigrations, existingTables, type MigrationSet } from './migrations.js';
 import type { DatabasePool } from './database-pool.js';
 import { TenantServer } from './tenant-server.js';
-import { clientConfig, parseDatabaseUrl, readFingerprint, type ParsedDatabaseUrl } from './upstream-identity.js';
+import { parseDatabaseUrl, readFingerprint, withClient, type ParsedDatabaseUrl } from './upstream-identity.js';
+import { SUBDOMAIN_PATTERN } from '../common/internal-api.js';
 
-export const SUBDOMAIN_PATTERN = /^[a-z][a-z0-9-]{1,62}$/;
 export const RESERVED_SUBDOMAINS = new Set(['validate', 'import']);
 
 export type StepName = 'validate' | 'record' | 'database' | 'lockdown' | 'identity' | 'schema' | 'marker' | 'health' | 'activate';
@@ -299,16 +299,6 @@ export class Provisioner {
   }
 }
 
-export async function withClient<T>(u: ParsedDatabaseUrl, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client(clientConfig(u));
-  client.on('error', () => {});
-  await client.connect();
-  try {
-    return await fn(client);
-  } finally {
-    await client.end().catch(() => {});
-  }
-}
 
 export function urlOf(u: ParsedDatabaseUrl): string {
   const host = u.host.includes(':') ? `[${u.host}]` : u.host;

@@ -4,7 +4,7 @@
 
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
-import { clientConfig, parseDatabaseUrl, type ParsedDatabaseUrl } from './upstream-identity.js';
+import { parseDatabaseUrl, withClient, type ParsedDatabaseUrl } from './upstream-identity.js';
 
 export interface CreatedDatabase {
   role: string;
@@ -28,15 +28,8 @@ export class TenantServer {
     this.admin = parseDatabaseUrl(adminUrl);
   }
 
-  async withAdmin<T>(fn: (c: pg.Client) => Promise<T>, database = this.admin.database): Promise<T> {
-    const client = new pg.Client(clientConfig({ ...this.admin, database }));
-    client.on('error', () => {});
-    await client.connect();
-    try {
-      return await fn(client);
-    } finally {
-      await client.end().catch(() => {});
-    }
+  withAdmin<T>(fn: (c: pg.Client) => Promise<T>, database = this.admin.database): Promise<T> {
+    return withClient({ ...this.admin, database }, fn);
   }
 
   /** Names are derived from the subdomain so an operator can recognise them; the prefix keeps them apart from anything else on the server. */

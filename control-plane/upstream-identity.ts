@@ -63,3 +63,15 @@ export function clientConfig(p: ParsedDatabaseUrl, connectTimeoutMs = 5_000): pg
   const ssl = p.sslmode === 'require' || p.sslmode === 'verify-ca' ? { rejectUnauthorized: false } : p.sslmode === 'verify-full' ? { rejectUnauthorized: true } : false;
   return { host: p.host, port: p.port, database: p.database, user: p.user, password: p.password, ssl, connectionTimeoutMillis: connectTimeoutMs };
 }
+
+/** Connects with a parsed URL, runs fn, always closes. */
+export async function withClient<T>(u: ParsedDatabaseUrl, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client(clientConfig(u));
+  client.on('error', () => {});
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end().catch(() => {});
+  }
+}

@@ -4,7 +4,7 @@
 // the token is verified before the route is consulted, so an unauthenticated
 // client learns nothing about which orchestras exist.
 
-import type { RouteAnswer, UpstreamRoute } from '../common/internal-api.js';
+import { SUBDOMAIN_PATTERN, type RouteAnswer, type UpstreamRoute } from '../common/internal-api.js';
 import type { ClientReader } from './client-reader.js';
 import { ControlPlaneUnavailable } from './control-plane-client.js';
 import { Refusal } from './refusals.js';
@@ -12,7 +12,6 @@ import type { RouteCache } from './route-cache.js';
 import type { TokenVerifier, VerifiedToken } from './token-verifier.js';
 import { MAX_PASSWORD_PACKET, authenticationCleartextPassword } from './wire.js';
 
-export const SUBDOMAIN_PATTERN = /^[a-z][a-z0-9-]{1,62}$/;
 
 export interface AuthorizedSession {
   subdomain: string;
