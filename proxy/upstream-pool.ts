@@ -14,6 +14,7 @@ import { createHash } from 'node:crypto';
 import type { Socket } from 'node:net';
 import type { UpstreamRoute } from '../common/internal-api.js';
 import type { UpstreamSession } from './upstream-connect.js';
+import { message } from './wire.js';
 
 export interface IdleUpstream {
   session: UpstreamSession;
@@ -29,14 +30,7 @@ interface Parked extends IdleUpstream {
 const RESET_TIMEOUT_MS = 2_000;
 // Query('DISCARD ALL'): drops prepared statements, temp tables, LISTENs,
 // advisory locks and session settings (RESET ALL back to the start-up values).
-const DISCARD_ALL = (() => {
-  const sql = Buffer.from('DISCARD ALL\0', 'utf8');
-  const b = Buffer.alloc(5 + sql.length);
-  b.write('Q', 0, 'latin1');
-  b.writeInt32BE(4 + sql.length, 1);
-  sql.copy(b, 5);
-  return b;
-})();
+const DISCARD_ALL = message('Q', Buffer.from('DISCARD ALL\0', 'utf8'));
 
 export interface UpstreamPoolOptions {
   idleTimeoutMs: number;

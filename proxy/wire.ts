@@ -12,7 +12,8 @@ export const MAX_STARTUP_PACKET = 10_000;
 /** A token is a JWT of a few hundred bytes; 8 KiB leaves room without letting 1 MB "passwords" in. */
 export const MAX_PASSWORD_PACKET = 8_192;
 
-function message(type: string, body: Buffer): Buffer {
+/** One protocol message: type byte, int32 length (itself included), body. */
+export function message(type: string, body: Buffer): Buffer {
   const out = Buffer.allocUnsafe(5 + body.length);
   out.write(type, 0, 'latin1');
   out.writeInt32BE(4 + body.length, 1);
